@@ -1,0 +1,23 @@
+"""Plain-PyTorch core of lightning_curvprobe (no Lightning import): HVPs, the eigensolver and the estimators."""
+
+from lightning_curvprobe.functional.estimators import (
+    delta2_gaussian_moment,
+    increment_coefficients,
+    quadratic_surrogate,
+)
+from lightning_curvprobe.functional.hvp import HessianOperator, ModelFunction, NonFiniteProbeError
+from lightning_curvprobe.functional.lanczos import EigenResult, top_eigenpairs
+from lightning_curvprobe.functional.probe import ProbeResult, probe_stability
+
+__all__ = [
+    "EigenResult",
+    "HessianOperator",
+    "ModelFunction",
+    "NonFiniteProbeError",
+    "ProbeResult",
+    "delta2_gaussian_moment",
+    "increment_coefficients",
+    "probe_stability",
+    "quadratic_surrogate",
+    "top_eigenpairs",
+]

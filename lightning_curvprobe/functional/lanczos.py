@@ -1,0 +1,305 @@
+r"""Top eigenpairs of a symmetric operator from matrix-vector products: thick-restart Lanczos.
+
+The solver keeps an orthonormal basis :math:`V = [V_d, V_p]` of ``done`` vectors (already multiplied by :math:`H`) and
+``pending`` vectors, and the exact block Krylov relation
+
+.. math:: H V_d = V_d T + V_p C, \qquad T = V_d^\top H V_d,\; C = V_p^\top H V_d .
+
+A Ritz pair :math:`(\theta, y = V_d s)` of :math:`T` has the residual :math:`H y - \theta y = V_p C s`, so its norm
+:math:`\lVert C s\rVert` is known without extra products. Each step multiplies one pending vector (the direction
+that carries most of the unconverged residuals), orthogonalises the product against the whole basis twice (full
+reorthogonalisation) and appends the remainder as a new pending vector. With one pending vector this is Lanczos;
+a warm start puts the previous eigenvectors in the basis as a block, so a subspace that barely moved is confirmed by a
+Rayleigh-Ritz step (one product per vector) plus the few Krylov vectors that its residuals demand. When the basis is
+full, the top Ritz vectors are kept and the rest discarded (thick restart: the relation stays exact).
+
+A pair is converged when :math:`\lVert H y - \theta y\rVert \le \mathrm{tol}\,|\theta_1|`. To guard against returning
+the wrong member of a near-degenerate cluster, ``num_extra`` pairs beyond the requested ones are converged too and not
+reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_curvprobe._checks import _check_int, _check_positive_float
+
+MatVec = Callable[[Tensor], Tensor]
+
+_ROW_CHUNK = 1 << 16
+
+
+@dataclass
+class EigenResult:
+    """Output of :func:`top_eigenpairs`.
+
+    Attributes:
+        eigenvalues: Ritz values, descending, shape ``(k,)``.
+        eigenvectors: orthonormal Ritz vectors, shape ``(N, k)``.
+        residuals: ``‖H u - θ u‖`` for each pair, shape ``(k,)``.
+        hvps: operator applications (one per vector).
+        converged: whether every returned pair (and the guard pairs) met the tolerance.
+        restarts: number of thick restarts.
+        basis: the returned vectors followed by the converged guard vectors, shape ``(N, k + p)``; pass it as the next
+            solve's ``warm_start``.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    hvps: int
+    converged: bool
+    restarts: int
+    basis: Tensor
+
+
+def _default_num_extra(k: int, n: int) -> int:
+    return max(0, min(max(2, math.ceil(k / 4)), n - k))
+
+
+class _Basis:
+    """Orthonormal basis storage with a fixed capacity (the only O(N) memory of the solver)."""
+
+    def __init__(self, n: int, cap: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.V = torch.zeros(n, cap, dtype=dtype, device=device)
+        self.size = 0
+
+    def project_out(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Two passes of classical Gram-Schmidt against the basis; returns (remainder, coefficients)."""
+        basis = self.V[:, : self.size]
+        coef = basis.T @ x
+        x = x - basis @ coef
+        coef2 = basis.T @ x
+        return x - basis @ coef2, coef + coef2
+
+
+def top_eigenpairs(
+    matvec: MatVec,
+    n: int,
+    k: int,
+    *,
+    tol: float = 1e-3,
+    max_basis: int | None = None,
+    num_extra: int | None = None,
+    warm_start: Tensor | None = None,
+    block_size: int = 1,
+    max_hvps: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> EigenResult:
+    r"""The ``k`` algebraically largest eigenpairs of a symmetric operator, from products only.
+
+    Args:
+        matvec: applies the operator to a block of shape ``(n, b)`` and returns ``(n, b)``.
+        n: dimension of the operator.
+        k: number of eigenpairs returned.
+        tol: a pair is converged when ``‖H u - θ u‖ ≤ tol · |θ_1|``.
+        max_basis: most basis vectors held at once (memory is ``max_basis · n`` numbers); default
+            ``2 (k + p) + 10`` (more when a warm start is wider), at most ``n``.
+        num_extra: guard pairs ``p`` converged beyond ``k`` and not reported; default ``max(2, ⌈k/4⌉)``.
+        warm_start: previous eigenvectors, shape ``(n, w)``; they enter the basis as a block.
+        block_size: random start vectors of a cold start.
+        max_hvps: stop (``converged=False``) after this many products; default ``max(500, 60 (k + p))``.
+        generator: source of the random start vectors (the global RNG is never used); default a generator seeded 0.
+        dtype: dtype of the basis.
+        device: device of the basis; default that of ``warm_start`` or CPU.
+
+    Returns:
+        An :class:`EigenResult` with eigenvalues in descending order.
+
+    Example:
+        >>> import torch
+        >>> A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
+        >>> res = top_eigenpairs(lambda v: A @ v, 50, 3, tol=1e-10)
+        >>> res.eigenvalues
+        tensor([50., 49., 48.], dtype=torch.float64)
+    """
+    _check_int("n", n, minimum=1)
+    _check_int("k", k, minimum=1, maximum=n)
+    tol = _check_positive_float("tol", tol)
+    _check_int("block_size", block_size, minimum=1)
+    p = _default_num_extra(k, n) if num_extra is None else _check_int("num_extra", num_extra, minimum=0)
+    p = min(p, n - k)
+    kt = k + p
+    if device is None:
+        device = warm_start.device if warm_start is not None else torch.device("cpu")
+    device = torch.device(device)
+    if warm_start is not None:
+        if warm_start.dim() == 1:
+            warm_start = warm_start[:, None]
+        if warm_start.dim() != 2 or warm_start.shape[0] != n:
+            raise ValueError(f"`warm_start` must have shape ({n}, w), got {tuple(warm_start.shape)}.")
+    width = warm_start.shape[1] if warm_start is not None else block_size
+    width = min(width, n)
+    min_cap = min(n, kt + width + 1)
+    if max_basis is None:
+        cap = min(n, max(2 * kt, kt + width) + 10)
+    else:
+        cap = _check_int("max_basis", max_basis, minimum=1)
+        if cap < min_cap:
+            raise ValueError(
+                f"`max_basis` must be at least k + num_extra + (start block width) + 1 = {min_cap}, got {max_basis}."
+            )
+        cap = min(cap, n)
+    if max_hvps is None:
+        max_hvps = max(500, 60 * kt)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+
+    small = torch.float64  # projected matrices are tiny: keep them in float64
+    basis = _Basis(n, cap, dtype, device)
+    eps = torch.finfo(dtype).eps
+    hvps = 0
+    restarts = 0
+    nd = 0  # done vectors: basis.V[:, :nd]
+    T = torch.zeros(0, 0, dtype=small, device=device)
+    C = torch.zeros(0, 0, dtype=small, device=device)  # pending x done
+
+    def random_block(b: int) -> Tensor:
+        x = torch.randn(n, b, generator=generator, dtype=torch.float64, device=generator.device)
+        return x.to(device=device, dtype=dtype)
+
+    def append_pending(block: Tensor) -> int:
+        """Orthonormalise columns against the basis and append them as pending; returns how many were kept."""
+        added = 0
+        for i in range(block.shape[1]):
+            x = block[:, i : i + 1]
+            norm0 = float(x.norm())
+            x, _ = basis.project_out(x)
+            norm = float(x.norm())
+            if norm0 == 0 or norm <= 1e3 * eps * norm0 or basis.size >= cap:
+                continue
+            basis.V[:, basis.size] = (x / norm)[:, 0]
+            basis.size += 1
+            added += 1
+        return added
+
+    start = warm_start.to(device=device, dtype=dtype) if warm_start is not None else random_block(width)
+    npend = append_pending(start)
+    if npend == 0:  # degenerate warm start: fall back to a random vector
+        npend = append_pending(random_block(1))
+    C = torch.zeros(npend, 0, dtype=small, device=device)
+
+    theta = torch.zeros(0, dtype=small, device=device)
+    S = torch.zeros(0, 0, dtype=small, device=device)
+    res = torch.zeros(0, dtype=small, device=device)
+    converged = False
+    scale = 1.0
+    while True:
+        if nd > 0:
+            evals, evecs = torch.linalg.eigh(T)
+            theta, S = evals.flip(0), evecs.flip(1)
+            res = (C @ S).norm(dim=0) if npend > 0 else torch.zeros_like(theta)
+            scale = max(abs(float(theta[0])), float(theta.abs().max()) * eps, torch.finfo(dtype).tiny)
+            want = min(kt, nd)
+            if nd >= kt and bool((res[:want] <= tol * scale).all()):
+                converged = True
+                break
+            if npend == 0 and basis.size >= n:  # the basis spans the whole space: Ritz pairs are exact
+                converged = True
+                break
+            if hvps >= max_hvps:
+                break
+        if npend == 0:  # invariant subspace found: continue with a fresh random direction
+            if basis.size >= cap:
+                nd, T, C, restarts = _restart(basis, nd, npend, T, C, theta, S, kt, cap - 1, restarts)
+            npend = append_pending(random_block(1))
+            C = torch.zeros(npend, nd, dtype=small, device=device)
+            continue
+        b = npend if nd == 0 else 1
+        if nd > 0 and npend > 1:
+            # rotate the pending block so that its first vector is the residual direction of the leading
+            # unconverged Ritz pair (with one pending vector this is plain Lanczos)
+            want = min(kt, nd)
+            E = C @ S[:, :want]
+            unconv = (res[:want] > tol * scale).nonzero()
+            d = E[:, int(unconv[0]) if len(unconv) else 0 : None][:, :1]
+            eye = torch.eye(npend, dtype=small, device=device)
+            Z, _ = torch.linalg.qr(torch.cat([d / d.norm().clamp_min(torch.finfo(small).tiny), eye], dim=1)[:, :npend])
+            basis.V[:, nd : nd + npend] = basis.V[:, nd : nd + npend] @ Z.to(dtype)
+            C = Z.T @ C
+        if basis.size + b > cap:
+            nd, T, C, restarts = _restart(basis, nd, npend, T, C, theta, S, kt, cap - b, restarts)
+        W = matvec(basis.V[:, nd : nd + b].clone()).reshape(n, b).to(dtype)
+        hvps += b
+        if not torch.isfinite(W).all():
+            from lightning_curvprobe.functional.hvp import NonFiniteProbeError
+
+            raise NonFiniteProbeError("the eigensolver met a non-finite Hessian-vector product.")
+        wnorms = W.norm(dim=0)
+        W, coef = basis.project_out(W)
+        coef = coef.to(small)
+        nb = basis.size
+        # projected matrix over the done vectors plus the b just multiplied
+        Tn = torch.zeros(nd + b, nd + b, dtype=small, device=device)
+        Tn[:nd, :nd] = T
+        cross = 0.5 * (C[:b, :].T + coef[:nd])
+        Tn[:nd, nd:] = cross
+        Tn[nd:, :nd] = cross.T
+        Tn[nd:, nd:] = 0.5 * (coef[nd : nd + b] + coef[nd : nd + b].T)
+        rest = torch.cat([C[b:, :], coef[nd + b : nb]], dim=1)  # the other pending vectors' rows
+        # orthonormalise the remainders (already orthogonal to the basis) among themselves
+        Rcoef = torch.zeros(b, b, dtype=small, device=device)
+        r = 0
+        for i in range(b):
+            x = W[:, i : i + 1]
+            for _ in range(2):
+                if r > 0:
+                    fresh = basis.V[:, nb : nb + r]
+                    c = fresh.T @ x
+                    x = x - fresh @ c
+                    Rcoef[:r, i] += c[:, 0].to(small)
+            norm = float(x.norm())
+            if norm > max(100.0, 10.0 * nb) * eps * float(wnorms[i]):
+                basis.V[:, nb + r] = (x / norm)[:, 0]
+                Rcoef[r, i] = norm
+                r += 1
+            # else: breakdown, H q lies in the span of the basis (an invariant subspace)
+        basis.size = nb + r
+        C = torch.cat([rest, torch.cat([torch.zeros(r, nd, dtype=small, device=device), Rcoef[:r]], dim=1)])
+        T = Tn
+        nd += b
+        npend = npend - b + r
+
+    want = min(kt, nd)
+    coeffs = S[:, :want].to(dtype)
+    vectors = basis.V[:, :nd] @ coeffs
+    kk = min(k, nd)
+    return EigenResult(
+        eigenvalues=theta[:kk].to(dtype),
+        eigenvectors=vectors[:, :kk].contiguous(),
+        residuals=res[:kk].to(dtype),
+        hvps=hvps,
+        converged=converged and kk == k,
+        restarts=restarts,
+        basis=vectors,
+    )
+
+
+def _restart(
+    basis: _Basis, nd: int, npend: int, T: Tensor, C: Tensor, theta: Tensor, S: Tensor, kt: int, cap: int, restarts: int
+) -> tuple[int, Tensor, Tensor, int]:
+    """Thick restart: keep the top Ritz vectors of the done block and every pending vector (the relation stays exact).
+
+    ``cap`` is the number of basis vectors allowed after the restart.
+    """
+    room = cap - npend  # `cap` here already leaves space for the vectors about to be added
+    keep = max(1, min(nd - 1, room, max(kt, kt + (room - kt) // 2)))
+    Sk = S[:, :keep].to(basis.V.dtype)
+    V = basis.V
+    pend = V[:, nd : nd + npend].clone()
+    for lo in range(0, V.shape[0], _ROW_CHUNK):  # in place, row chunk by row chunk: no N x keep temporary
+        rows = V[lo : lo + _ROW_CHUNK]
+        rows[:, :keep] = rows[:, :nd] @ Sk
+    V[:, keep : keep + npend] = pend
+    V[:, keep + npend :] = 0
+    basis.size = keep + npend
+    T = torch.diag(theta[:keep])
+    C = C @ S[:, :keep]
+    return keep, T, C, restarts + 1
