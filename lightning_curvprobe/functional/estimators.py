@@ -75,7 +75,7 @@ def delta2_gaussian_moment(a: Tensor, c: Tensor, B: Tensor, sigma: float) -> Ten
     Example:
         >>> import torch
         >>> delta2_gaussian_moment(torch.tensor(0.0), torch.zeros(2), torch.diag(torch.tensor([1.0, 3.0])), 1.0)
-        tensor(13.)
+        tensor(9.)
     """
     sigma = _check_positive_float("sigma", sigma)
     B = _symmetrize(B)

@@ -117,8 +117,8 @@ def top_eigenpairs(
         >>> import torch
         >>> A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
         >>> res = top_eigenpairs(lambda v: A @ v, 50, 3, tol=1e-10)
-        >>> res.eigenvalues
-        tensor([50., 49., 48.], dtype=torch.float64)
+        >>> res.eigenvalues.round(decimals=8), res.converged
+        (tensor([50., 49., 48.], dtype=torch.float64), True)
     """
     _check_int("n", n, minimum=1)
     _check_int("k", k, minimum=1, maximum=n)

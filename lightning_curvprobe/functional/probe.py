@@ -285,7 +285,7 @@ def probe_stability(
         >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
         >>> res = probe_stability(model, loss_fn, (x[:32], y[:32]), (x[32:], y[32:]), num_eigenvectors=3, sigma=0.1)
         >>> res.eigenvectors.shape, res.delta2.dtype, bool(res.delta2 >= 0)
-        (torch.Size([41, 3]), torch.float64, True)
+        (torch.Size([49, 3]), torch.float64, True)
     """
     fn = ModelFunction(model, loss_fn)
     D, sigma, estimator, num_samples, tol = _check_common(

@@ -1,0 +1,534 @@
+r"""``CurvatureStabilityCallback``: Δ₂^(D) at every validation epoch of a Lightning ``Trainer``.
+
+The callback only schedules, handles Lightning's contexts and logs; the mathematics lives in
+:mod:`lightning_curvprobe.functional` and :class:`~lightning_curvprobe.CurvatureStability`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from typing_extensions import override
+
+from lightning_curvprobe._checks import (
+    ESTIMATORS,
+    _check_choice,
+    _check_int,
+    _check_num_eigenvectors,
+    _check_positive_float,
+)
+from lightning_curvprobe.functional._batch import _batch_size, _cast_batch, _slice_batch
+from lightning_curvprobe.functional.hvp import HessianOperator, ModelFunction, NonFiniteProbeError, _check_loss
+from lightning_curvprobe.functional.lanczos import EigenResult, top_eigenpairs
+from lightning_curvprobe.metric import CurvatureStability
+
+Estimator = Literal["gaussian_moment", "quadratic_mc", "direct_mc"]
+_KEYS = ("delta2", "delta1", "lambda_max", "subspace_overlap", "hvps", "quadratic_error")
+
+
+class CurvatureStabilityCallback(Callback):
+    r"""Log the curvature-aligned stability criterion :math:`\Delta_2^{(D)}` at the end of validation epochs.
+
+    At each validation epoch (never during the sanity check) the callback refreshes the top-``D`` eigenspace
+    :math:`U` of the Hessian of the loss on ``num_probe_samples`` fixed base samples (thick-restart Lanczos,
+    warm-started from the previous refresh, every ``refresh_every_n_epochs`` validation epochs), then measures how much
+    the mean loss changes when one of ``num_added_samples`` further samples joins the base set, probed at
+    :math:`w_0 + Uz`, :math:`z \sim \mathcal N(0, \sigma^2 I_D)`:
+
+    .. math::
+        \Delta_2^{(D)} = \operatorname{mean}_j\,\mathbb E_z\bigl[\delta_j(w_0+Uz)^2\bigr],\qquad
+        \delta_j = \frac{\ell_j - L_k}{k + 1}.
+
+    Logged keys (``<prefix>`` = ``log_prefix``, one value per validation epoch, at epoch level):
+
+    - ``<prefix>/delta2``: :math:`\Delta_2^{(D)}` by ``estimator`` (also on the progress bar). Lower means the local
+      landscape no longer moves when data is added; monitor it with ``EarlyStopping(monitor="curvprobe/delta2",
+      mode="min")``.
+    - ``<prefix>/delta1``: :math:`\Delta_1 = \operatorname{mean}_j |a_j|`, the change of the loss at :math:`w_0` itself.
+    - ``<prefix>/lambda_max``: the largest Hessian eigenvalue on the base samples.
+    - ``<prefix>/subspace_overlap``: :math:`\lVert U_{prev}^\top U\rVert_F^2 / D` (1 = unchanged, NaN at the first
+      refresh).
+    - ``<prefix>/hvps``: Hessian-vector products the eigensolver spent in this refresh (0 when not refreshed).
+    - ``<prefix>/quadratic_error``: relative error of the second-order model of the loss along the probe directions at
+      :math:`\sigma` (small = :math:`\sigma` is inside the local regime).
+    - ``<prefix>/delta2_stderr``: standard error of ``delta2`` over added samples (only when ``num_added_samples > 1``).
+    - with a ``TensorBoardLogger``: the top-``D`` eigenvalues as the histogram ``<prefix>/eigenvalues``.
+
+    A probe that meets a non-finite loss or Hessian-vector product logs NaN and warns once; Lightning's
+    ``EarlyStopping(check_finite=True)`` (its default) then stops the run — a NaN probe usually means the training
+    itself diverged. The callback never changes the training it watches: weights, ``.grad``, optimizer state,
+    BatchNorm buffers, train/eval modes and the global RNG streams are left exactly as they were.
+
+    Args:
+        num_eigenvectors: ``D``, the subspace dimension (``1 <= D <`` number of trainable parameters).
+        sigma: probe scale :math:`\sigma > 0` (in parameter units).
+        num_probe_samples: ``k``, base samples.
+        num_added_samples: ``m``, candidate added samples (the result averages over them).
+        estimator: ``"gaussian_moment"`` (closed form, default), ``"quadratic_mc"`` or ``"direct_mc"``.
+        num_mc_samples: draws of the Monte Carlo estimators.
+        refresh_every_n_epochs: recompute the subspace every this many validation epochs (reused in between).
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor``, mean loss over the batch; default: the loss returned by
+            ``pl_module.training_step(batch, 0)`` with its ``self.log`` calls silenced (not for manual optimization).
+        probe_data: a batch (tuple/list/dict of tensors) or a ``Dataset`` with at least ``k + m`` samples: the first
+            ``k`` are the base set, the next ``m`` the added ones. Default: ``k + m`` samples drawn once (with the
+            callback's own generator) from the training dataloader's dataset, kept for the whole run.
+        tol: eigensolver tolerance, ``‖Hu - λu‖ <= tol · |λ_1|``.
+        max_basis: eigensolver memory in basis vectors (default about ``2D + 10``).
+        quadratic_error_samples: forward passes spent on ``quadratic_error`` per probe (0 = not logged).
+        log_prefix: prefix of the logged keys.
+        seed: seed of the callback's own ``torch.Generator``.
+        save_subspace: keep the subspace (``N x (D + p)`` floats) in checkpoints so that a resumed run refreshes warm.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning.pytorch.callbacks import EarlyStopping
+        >>> probe = CurvatureStabilityCallback(num_eigenvectors=10, sigma=1e-3)
+        >>> trainer = Trainer(callbacks=[probe, EarlyStopping(monitor="curvprobe/delta2", mode="min")],
+        ...                   logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        num_eigenvectors: int = 10,
+        sigma: float = 1e-3,
+        num_probe_samples: int = 64,
+        num_added_samples: int = 1,
+        estimator: Estimator = "gaussian_moment",
+        num_mc_samples: int = 64,
+        refresh_every_n_epochs: int = 1,
+        loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+        probe_data: Any = None,
+        tol: float = 1e-3,
+        max_basis: int | None = None,
+        quadratic_error_samples: int = 8,
+        log_prefix: str = "curvprobe",
+        seed: int = 0,
+        save_subspace: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_eigenvectors = _check_int("num_eigenvectors", num_eigenvectors, minimum=1)
+        self.sigma = _check_positive_float("sigma", sigma)
+        self.num_probe_samples = _check_int("num_probe_samples", num_probe_samples, minimum=1)
+        self.num_added_samples = _check_int("num_added_samples", num_added_samples, minimum=1)
+        self.estimator = _check_choice("estimator", estimator, ESTIMATORS)
+        self.num_mc_samples = _check_int("num_mc_samples", num_mc_samples, minimum=1)
+        self.refresh_every_n_epochs = _check_int("refresh_every_n_epochs", refresh_every_n_epochs, minimum=1)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable as loss_fn(pl_module, batch) or None, got {loss_fn!r}.")
+        self.loss_fn = loss_fn
+        if probe_data is not None:
+            n = _probe_data_len(probe_data)
+            need = num_probe_samples + num_added_samples
+            if n < need:
+                raise ValueError(
+                    f"`probe_data` must hold at least num_probe_samples + num_added_samples = {need} samples, got {n}."
+                )
+        self.probe_data = probe_data
+        self.tol = _check_positive_float("tol", tol)
+        self.max_basis = None if max_basis is None else _check_int("max_basis", max_basis, minimum=2)
+        self.quadratic_error_samples = _check_int("quadratic_error_samples", quadratic_error_samples, minimum=0)
+        if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
+            raise ValueError(f"`log_prefix` must be a non-empty string not ending in '/', got {log_prefix!r}.")
+        self.log_prefix = log_prefix
+        self.seed = _check_int("seed", seed, minimum=0)
+        self.save_subspace = bool(save_subspace)
+        # runtime state
+        self._generator = torch.Generator().manual_seed(seed)
+        self._basis: Tensor | None = None  # (N, D + p) from the last refresh, warm start of the next
+        self._eigenvalues: Tensor | None = None
+        self._probe_indices: list[int] | None = None
+        self._base: Any = None
+        self._added: Any = None
+        self._num_probes = 0
+        self._num_refreshes = 0
+        self._warned_nonfinite = False
+        self._metric: CurvatureStability | None = None
+        self.last_result: EigenResult | None = None
+        self.history: list[dict[str, float]] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            log_prefix=self.log_prefix, num_eigenvectors=self.num_eigenvectors, sigma=self.sigma
+        )
+
+    # ------------------------------------------------------------------ setup
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _check_strategy(trainer)
+        if self.loss_fn is None and not pl_module.automatic_optimization:
+            raise ValueError(
+                "`loss_fn` must be given when the LightningModule uses manual optimization "
+                "(automatic_optimization=False): its training_step steps the optimizers itself, so the callback "
+                "cannot call it to get the loss. Pass loss_fn=lambda module, batch: <mean loss of batch>."
+            )
+        num_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        if num_params == 0:
+            raise ValueError(
+                f"`pl_module` must have trainable parameters (requires_grad=True), got {type(pl_module).__name__} "
+                "with none."
+            )
+        _check_num_eigenvectors(self.num_eigenvectors, num_params)
+        world = trainer.world_size
+        if self.num_probe_samples < world:
+            raise ValueError(
+                f"`num_probe_samples` must be at least the number of processes ({world}) so that every rank holds a "
+                f"base sample, got {self.num_probe_samples}."
+            )
+        if self._metric is None:
+            self._metric = CurvatureStability(
+                self.num_eigenvectors,
+                sigma=self.sigma,
+                estimator=self.estimator,
+                num_samples=self.num_mc_samples,
+                quadratic_error_samples=self.quadratic_error_samples,
+                seed=self.seed,
+                sync_on_compute=True,
+            )
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._prepare_probe_data(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and self._base is None:
+            self._prepare_probe_data(trainer, pl_module)
+
+    # ------------------------------------------------------------------ probe
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self._base is None:
+            self._prepare_probe_data(trainer, pl_module)
+        values = self._probe(trainer, pl_module)
+        self._log(trainer, pl_module, values)
+
+    def _probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        assert self._metric is not None
+        refresh = self._basis is None or self._num_probes % self.refresh_every_n_epochs == 0
+        self._num_probes += 1
+        metric = self._metric.to(pl_module.device)
+        nan = float("nan")
+        try:
+            with _untouched_rng(pl_module.device):
+                fn = ModelFunction(pl_module, self._loss_fn(pl_module))
+                world = trainer.world_size
+                reduce_fn = _all_reduce_sum if world > 1 and torch.distributed.is_initialized() else None
+                k_local = _batch_size(self._base)
+                scale = k_local / self.num_probe_samples
+                op = self._call_user(
+                    lambda: HessianOperator(fn, self._base, scale=scale, reduce_fn=reduce_fn, where="the base samples"),
+                    "the base samples",
+                )
+                prev = self._basis
+                hvps = 0
+                if refresh:
+                    warm = None if prev is None else prev.to(device=fn.device, dtype=fn.dtype)
+                    eig = self._call_user(
+                        lambda: top_eigenpairs(
+                            op.matvec,
+                            fn.num_params,
+                            self.num_eigenvectors,
+                            tol=self.tol,
+                            max_basis=self.max_basis,
+                            warm_start=warm,
+                            generator=self._generator,
+                            dtype=fn.dtype,
+                            device=fn.device,
+                        ),
+                        "the base samples (eigensolver)",
+                    )
+                    hvps = eig.hvps
+                    self.last_result = eig
+                    if not eig.converged:
+                        rank_zero_warn(
+                            f"CurvatureStabilityCallback: the eigensolver stopped after {eig.hvps} Hessian-vector "
+                            f"products without reaching tol={self.tol}; raise `max_basis` or `tol`."
+                        )
+                    D = self.num_eigenvectors
+                    U_prev = None if prev is None else prev[:, :D].to(eig.eigenvectors)
+                    overlap = nan if U_prev is None else float((U_prev.T @ eig.eigenvectors).pow(2).sum()) / D
+                    self._basis = eig.basis.detach()
+                    self._eigenvalues = eig.eigenvalues.detach()
+                    self._num_refreshes += 1
+                else:
+                    overlap = 1.0
+                assert self._basis is not None and self._eigenvalues is not None
+                U = self._basis[:, : self.num_eigenvectors].to(device=fn.device, dtype=fn.dtype)
+                metric.reset()
+                self._call_user(
+                    lambda: metric.update(
+                        pl_module,
+                        self._loss_fn(pl_module),
+                        self._base,
+                        self._added,
+                        U,
+                        self._eigenvalues.to(U),  # type: ignore[union-attr]
+                        base_loss=op.local_loss / scale,
+                        base_grad=op.local_gradient / scale,
+                    ),
+                    "the added samples",
+                )
+                delta2 = float(metric.compute())
+                details = metric.details
+            values = {
+                "delta2": delta2,
+                "delta1": float(details["delta1"]),
+                "lambda_max": float(self._eigenvalues[0]),
+                "subspace_overlap": overlap,
+                "hvps": float(hvps),
+                "quadratic_error": float(details["quadratic_error"]),
+            }
+            if self.num_added_samples > 1:
+                values["delta2_stderr"] = float(details["delta2_stderr"])
+        except NonFiniteProbeError as err:
+            if not self._warned_nonfinite:
+                rank_zero_warn(
+                    f"CurvatureStabilityCallback: {err} Logging NaN; the model is untouched and training goes on "
+                    "(a NaN probe usually means the training itself diverged)."
+                )
+                self._warned_nonfinite = True
+            values = {key: nan for key in _KEYS}
+            values["hvps"] = 0.0
+            if self.num_added_samples > 1:
+                values["delta2_stderr"] = nan
+        self.history.append({"epoch": float(trainer.current_epoch), **values})
+        return values
+
+    def _call_user(self, thunk: Callable[[], Any], where: str) -> Any:
+        """Run ``thunk``; a user error is re-raised with the probe's context (non-finite values pass through)."""
+        try:
+            return thunk()
+        except NonFiniteProbeError:
+            raise
+        except Exception as err:  # noqa: BLE001 - re-raised with context
+            raise RuntimeError(
+                f"CurvatureStabilityCallback: evaluating the loss on {where} failed (probe {self._num_probes}, "
+                f"{self.num_probe_samples} base samples, {self.num_added_samples} added samples): "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            pl_module.log(
+                f"{self.log_prefix}/{key}",
+                torch.tensor(value, dtype=torch.float32 if math.isnan(value) else torch.float64).float(),
+                on_step=False,
+                on_epoch=True,
+                prog_bar=key == "delta2",
+                logger=True,
+                sync_dist=False,
+            )
+        if trainer.is_global_zero and self._eigenvalues is not None and not math.isnan(values["delta2"]):
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_histogram") and type(logger).__name__ == "TensorBoardLogger":
+                    experiment.add_histogram(
+                        f"{self.log_prefix}/eigenvalues", self._eigenvalues.float().cpu(), trainer.global_step
+                    )
+
+    # ------------------------------------------------------------------ data and loss
+
+    def _loss_fn(self, pl_module: LightningModule) -> Callable[[Any, Any], Tensor]:
+        if self.loss_fn is not None:
+            return self.loss_fn
+        return _training_step_loss
+
+    def _prepare_probe_data(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fix the probe samples once: this rank's share of the base set and of the added set, on the module's device."""
+        if self._base is not None:
+            return
+        k, m = self.num_probe_samples, self.num_added_samples
+        with _untouched_rng(pl_module.device):
+            if self.probe_data is not None:
+                batch = _take(self.probe_data, list(range(k + m)), collate=default_collate)
+            else:
+                batch = self._draw_from_train_loader(trainer, k + m)
+        rank, world = trainer.global_rank, trainer.world_size
+        base_idx = list(range(rank, k, world))
+        added_idx = list(range(k + rank, k + m, world))
+        device = pl_module.device
+        with torch.inference_mode(False):
+            base = _cast_batch(_select(batch, base_idx), device=device)
+            added = _cast_batch(_select(batch, added_idx), device=device)
+            self._base = _clone(base)
+            self._added = _clone(added)
+        # the loss must be a finite scalar before any training step
+        fn = ModelFunction(pl_module, self._loss_fn(pl_module))
+        from lightning_curvprobe.functional.hvp import _probe_mode
+
+        with _untouched_rng(device), _probe_mode(pl_module), torch.no_grad():
+            loss = self._call_user(lambda: fn.loss(fn.current(), fn.prepare(self._base)), "the base samples")
+            _check_loss(loss, "the probe's base samples")
+
+    def _draw_from_train_loader(self, trainer: Trainer, n: int) -> Any:
+        loader = trainer.train_dataloader
+        if loader is None and trainer.datamodule is not None and hasattr(trainer.datamodule, "train_dataloader"):
+            loader = trainer.datamodule.train_dataloader()
+        if isinstance(loader, (list, tuple)) and loader:
+            loader = loader[0]
+        if isinstance(loader, dict) and loader:
+            loader = next(iter(loader.values()))
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "`probe_data` must be given when the training dataloader is not available (e.g. in "
+                f"trainer.validate() without a datamodule), got probe_data=None and train dataloader {loader!r}."
+            )
+        dataset = loader.dataset
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            batches, count = [], 0
+            for batch in loader:
+                batches.append(batch)
+                count += _batch_size(batch)
+                if count >= n:
+                    break
+            if count < n:
+                raise ValueError(f"the training dataloader yielded {count} samples, fewer than k + m = {n}.")
+            from lightning_curvprobe.functional._batch import _cat_batches
+
+            return _slice_batch(_cat_batches(batches), 0, n)
+        size = len(dataset)  # type: ignore[arg-type]
+        if size < n:
+            raise ValueError(
+                f"the training dataset holds {size} samples, fewer than num_probe_samples + num_added_samples = {n}."
+            )
+        if self._probe_indices is None:
+            perm = torch.randperm(size, generator=self._generator)[:n]
+            self._probe_indices = [int(i) for i in perm]
+        return _take(dataset, self._probe_indices, collate=loader.collate_fn or default_collate)
+
+    # ------------------------------------------------------------------ state
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "basis": self._basis.cpu() if (self.save_subspace and self._basis is not None) else None,
+            "eigenvalues": self._eigenvalues.cpu() if self._eigenvalues is not None else None,
+            "probe_indices": self._probe_indices,
+            "generator_state": self._generator.get_state(),
+            "metric_generator_state": self._metric.generator.get_state() if self._metric is not None else None,
+            "num_probes": self._num_probes,
+            "num_refreshes": self._num_refreshes,
+            "history": [dict(h) for h in self.history],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._basis = state_dict.get("basis")
+        self._eigenvalues = state_dict.get("eigenvalues")
+        if self._basis is None:
+            self._eigenvalues = None
+        self._probe_indices = state_dict.get("probe_indices")
+        if state_dict.get("generator_state") is not None:
+            self._generator.set_state(state_dict["generator_state"])
+        if state_dict.get("metric_generator_state") is not None and self._metric is not None:
+            self._metric.generator.set_state(state_dict["metric_generator_state"])
+        self._num_probes = int(state_dict.get("num_probes", 0))
+        self._num_refreshes = int(state_dict.get("num_refreshes", 0))
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._base = self._added = None
+
+
+def _training_step_loss(pl_module: Any, batch: Any) -> Tensor:
+    """The loss returned by ``training_step(batch, 0)``, with the module's logging silenced."""
+    module = pl_module
+    noop = _noop
+    had = {name: name in module.__dict__ for name in ("log", "log_dict")}
+    module.__dict__["log"] = noop
+    module.__dict__["log_dict"] = noop
+    try:
+        out = module.training_step(batch, 0)
+    finally:
+        for name, present in had.items():
+            if not present:
+                del module.__dict__[name]
+    if isinstance(out, dict):
+        out = out.get("loss")
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            "`loss_fn` is None, so the loss is taken from training_step's output, which must be a tensor or a dict "
+            f"with 'loss'; got {type(out).__name__}. Pass loss_fn=lambda module, batch: <mean loss of batch>."
+        )
+    return out
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def _check_strategy(trainer: Trainer) -> None:
+    name = type(trainer.strategy).__name__
+    if any(s in name for s in ("FSDP", "DeepSpeed", "ModelParallel")):
+        raise ValueError(
+            f"CurvatureStabilityCallback supports single-device, DDP and ddp_spawn strategies; sharded strategies "
+            f"are not supported yet, got strategy {name}."
+        )
+
+
+@contextlib.contextmanager
+def _untouched_rng(device: torch.device) -> Iterator[None]:
+    """Restore the global torch (CPU and CUDA), Python and NumPy RNG states on exit."""
+    py_state = random.getstate()
+    np_state = None
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        np = None  # type: ignore[assignment]
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        if np_state is not None:
+            np.random.set_state(np_state)
+
+
+def _probe_data_len(data: Any) -> int:
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return len(data)  # type: ignore[arg-type]
+    if isinstance(data, IterableDataset):
+        raise TypeError("`probe_data` must be a map-style Dataset or a batch of tensors, got an IterableDataset.")
+    return _batch_size(data, "probe_data")
+
+
+def _take(data: Any, indices: Sequence[int], collate: Callable[[list[Any]], Any]) -> Any:
+    if isinstance(data, Dataset):
+        return collate([data[i] for i in indices])
+    return _select(data, list(indices))
+
+
+def _select(batch: Any, indices: list[int]) -> Any:
+    from lightning_curvprobe.functional._batch import _map_tensors
+
+    size = _batch_size(batch)
+    index = torch.tensor(indices, dtype=torch.long)
+    return _map_tensors(batch, lambda t: t[index.to(t.device)] if t.dim() > 0 and t.shape[0] == size else t)
+
+
+def _clone(batch: Any) -> Any:
+    from lightning_curvprobe.functional._batch import _map_tensors
+
+    return _map_tensors(batch, lambda t: t.detach().clone())

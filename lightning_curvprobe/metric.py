@@ -1,0 +1,199 @@
+r"""``CurvatureStability``: the criterion :math:`\Delta_2^{(D)}` as a torchmetrics ``Metric`` with exact DDP sync."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from lightning_curvprobe._checks import ESTIMATORS, _check_choice, _check_int, _check_positive_float
+from lightning_curvprobe.functional.estimators import _gaussian_draws
+from lightning_curvprobe.functional.hvp import LossFn, ModelFunction
+from lightning_curvprobe.functional.probe import _collect_statistics, _evaluate, _Statistics
+
+_SUM_STATES = ("base_loss_sum", "base_count", "base_grad_sum", "base_hess_sum", "base_draw_loss_sum", "qe_draw_loss_sum")
+_CAT_STATES = ("added_loss", "added_grad", "added_hess", "added_draw_loss")
+
+
+class CurvatureStability(Metric):
+    r"""Curvature-aligned stability :math:`\Delta_2^{(D)}` (Kiselev & Grabovoy, 2026) from sufficient statistics.
+
+    For a subspace :math:`U` (top-``D`` eigenvectors of the base Hessian :math:`H_k`, eigenvalues :math:`\lambda`),
+    each :meth:`update` adds the sums over this process's base samples — loss :math:`\sum_i \ell_i`, count,
+    projected gradient :math:`\sum_i U^\top g_i`, projected Hessian :math:`\sum_i U^\top H_i U`
+    (:math:`= n\,\mathrm{diag}(\lambda)`) — and, per added sample :math:`j`, its loss, :math:`U^\top g_j` and
+    :math:`U^\top H_j U` (``D`` single-sample Hessian-vector products). Sums are reduced with ``"sum"`` and the added
+    samples with ``"cat"``, so a DDP sync is exact on any number of processes. :meth:`compute` forms
+
+    .. math::
+        a_j = \frac{\ell_j - L_k}{k+1},\quad c_j = \frac{U^\top(g_j - g_k)}{k+1},\quad
+        B_j = \frac{U^\top H_j U - U^\top H_k U}{k+1}
+
+    and returns :math:`\operatorname{mean}_j \mathbb E_{z\sim\mathcal N(0,\sigma^2 I)}[\delta_j(w_0+Uz)^2]` by the
+    chosen estimator (Gaussian-moment closed form, quadratic Monte Carlo or direct Monte Carlo). After
+    :meth:`compute`, :attr:`details` also holds ``delta1``, ``delta2_stderr`` (over added samples) and
+    ``quadratic_error``.
+
+    Args:
+        num_eigenvectors: ``D``.
+        sigma: probe scale :math:`\sigma > 0`.
+        estimator: ``"gaussian_moment"``, ``"quadratic_mc"`` or ``"direct_mc"``.
+        num_samples: Monte Carlo draws (for the MC estimators).
+        quadratic_error_samples: draws for the quadratic-validity error (0 = off).
+        seed: seed of the metric's own generator (draws are identical on every process).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from lightning_curvprobe.functional import probe_stability
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).double()
+        >>> x, y = torch.randn(17, 3, dtype=torch.float64), torch.randn(17, 1, dtype=torch.float64)
+        >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> ref = probe_stability(model, loss_fn, (x[:16], y[:16]), (x[16:], y[16:]), num_eigenvectors=2, sigma=0.1)
+        >>> metric = CurvatureStability(num_eigenvectors=2, sigma=0.1)
+        >>> metric.update(model, loss_fn, (x[:8], y[:8]), (x[16:], y[16:]), ref.eigenvectors, ref.eigenvalues)
+        >>> metric.update(model, loss_fn, (x[8:16], y[8:16]), (x[16:16], y[16:16]), ref.eigenvectors, ref.eigenvalues)
+        >>> bool(torch.isclose(metric.compute(), ref.delta2, rtol=1e-10))
+        True
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(
+        self,
+        num_eigenvectors: int,
+        sigma: float = 1e-3,
+        estimator: str = "gaussian_moment",
+        num_samples: int = 64,
+        quadratic_error_samples: int = 8,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_eigenvectors = _check_int("num_eigenvectors", num_eigenvectors, minimum=1)
+        self.sigma = _check_positive_float("sigma", sigma)
+        self.estimator = _check_choice("estimator", estimator, ESTIMATORS)
+        self.num_samples = _check_int("num_samples", num_samples, minimum=1)
+        self.quadratic_error_samples = _check_int("quadratic_error_samples", quadratic_error_samples, minimum=0)
+        self.seed = _check_int("seed", seed, minimum=0)
+        self.generator = torch.Generator().manual_seed(seed)
+        D = num_eigenvectors
+        S = num_samples if estimator == "direct_mc" else 0
+        self.add_state("base_loss_sum", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("base_count", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("base_grad_sum", torch.zeros(D), dist_reduce_fx="sum")
+        self.add_state("base_hess_sum", torch.zeros(D, D), dist_reduce_fx="sum")
+        self.add_state("base_draw_loss_sum", torch.zeros(S), dist_reduce_fx="sum")
+        self.add_state("qe_draw_loss_sum", torch.zeros(quadratic_error_samples), dist_reduce_fx="sum")
+        self.add_state("added_loss", [], dist_reduce_fx="cat")
+        self.add_state("added_grad", [], dist_reduce_fx="cat")
+        self.add_state("added_hess", [], dist_reduce_fx="cat")
+        self.add_state("added_draw_loss", [], dist_reduce_fx="cat")
+        self._eigenvalues: Tensor | None = None
+        self._direct_z: Tensor | None = None
+        self._qe_z: Tensor | None = None
+        self.details: dict[str, Tensor] = {}
+
+    def _draws(self, eigenvectors: Tensor) -> None:
+        """The probe draws of this accumulation cycle: drawn once, identical on every process."""
+        if self._qe_z is None:
+            S = self.num_samples if self.estimator == "direct_mc" else 0
+            self._direct_z = _gaussian_draws(S, self.num_eigenvectors, self.sigma, self.generator, eigenvectors)
+            self._qe_z = _gaussian_draws(
+                self.quadratic_error_samples, self.num_eigenvectors, self.sigma, self.generator, eigenvectors
+            )
+
+    def update(  # type: ignore[override]
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        base_batch: Any,
+        added_batch: Any,
+        eigenvectors: Tensor,
+        eigenvalues: Tensor,
+        *,
+        base_loss: Tensor | None = None,
+        base_grad: Tensor | None = None,
+    ) -> None:
+        """Add this process's base samples and added samples, probed in the subspace ``eigenvectors``.
+
+        Args:
+            model: the network at the probe point (left unchanged).
+            loss_fn: ``loss_fn(model, batch) -> Tensor``, the mean loss over the batch.
+            base_batch: this process's base samples (may be a shard of the global base set).
+            added_batch: this process's added samples (may hold none).
+            eigenvectors: ``U`` of shape ``(N, D)``, top-``D`` eigenvectors of the *global* base Hessian.
+            eigenvalues: their eigenvalues ``(D,)`` (the Rayleigh-Ritz values :math:`U^\\top H_k U`).
+            base_loss: this process's mean loss on ``base_batch``, if already known (saves a pass).
+            base_grad: its gradient (flat, length ``N``), if already known.
+        """
+        if eigenvectors.dim() != 2 or eigenvectors.shape[1] != self.num_eigenvectors:
+            raise ValueError(
+                f"`eigenvectors` must have shape (N, {self.num_eigenvectors}), got {tuple(eigenvectors.shape)}."
+            )
+        self._draws(eigenvectors)
+        self._eigenvalues = eigenvalues.detach()
+        fn = ModelFunction(model, loss_fn)
+        stats = _collect_statistics(
+            fn,
+            base_batch,
+            added_batch,
+            eigenvectors,
+            eigenvalues,
+            base_loss=base_loss,
+            base_grad=base_grad,
+            direct_z=self._direct_z,
+            qe_z=self._qe_z,
+        )
+        for name in _SUM_STATES:
+            value = getattr(stats, name)
+            setattr(self, name, getattr(self, name).to(value) + value)
+        for name in _CAT_STATES:
+            getattr(self, name).append(getattr(stats, name))
+
+    def compute(self) -> Tensor:
+        """Δ₂^(D) by the configured estimator (mean over added samples); also fills :attr:`details`."""
+        cat = {name: dim_zero_cat(getattr(self, name)) if getattr(self, name) else None for name in _CAT_STATES}
+        dtype = self.base_loss_sum.dtype
+        if float(self.base_count) < 1 or cat["added_loss"] is None or cat["added_loss"].numel() == 0:
+            nan = torch.full((), float("nan"), dtype=dtype, device=self.base_loss_sum.device)
+            self.details = {"delta2": nan, "delta1": nan, "delta2_stderr": nan, "quadratic_error": nan}
+            return nan
+        D = self.num_eigenvectors
+        stats = _Statistics(
+            base_loss_sum=self.base_loss_sum,
+            base_count=self.base_count,
+            base_grad_sum=self.base_grad_sum,
+            base_hess_sum=self.base_hess_sum,
+            added_loss=cat["added_loss"],
+            added_grad=cat["added_grad"].reshape(-1, D),  # type: ignore[union-attr]
+            added_hess=cat["added_hess"].reshape(-1, D, D),  # type: ignore[union-attr]
+            base_draw_loss_sum=self.base_draw_loss_sum,
+            added_draw_loss=cat["added_draw_loss"],  # type: ignore[arg-type]
+            qe_draw_loss_sum=self.qe_draw_loss_sum,
+        )
+        assert self._eigenvalues is not None
+        out = _evaluate(
+            stats,
+            sigma=self.sigma,
+            estimator=self.estimator,
+            num_samples=self.num_samples,
+            generator=self.generator,
+            eigenvalues=self._eigenvalues.to(self.base_loss_sum),
+            qe_z=self._qe_z,
+        )
+        self.details = out
+        return out["delta2"]
+
+    def reset(self) -> None:
+        """Clear the statistics and the draws (the generator continues its stream)."""
+        super().reset()
+        self._direct_z = None
+        self._qe_z = None
+        self.details = {}
