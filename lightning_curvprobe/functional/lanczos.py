@@ -224,7 +224,7 @@ def top_eigenpairs(
             Z, _ = torch.linalg.qr(torch.cat([d / d.norm().clamp_min(torch.finfo(small).tiny), eye], dim=1)[:, :npend])
             basis.V[:, nd : nd + npend] = basis.V[:, nd : nd + npend] @ Z.to(dtype)
             C = Z.T @ C
-        if basis.size + b > cap:
+        if basis.size + b > cap and basis.size < n:  # a basis spanning the whole space needs no room
             nd, T, C, restarts = _restart(basis, nd, npend, T, C, theta, S, kt, cap - b, restarts)
         W = matvec(basis.V[:, nd : nd + b].clone()).reshape(n, b).to(dtype)
         hvps += b
@@ -256,7 +256,7 @@ def top_eigenpairs(
                     x = x - fresh @ c
                     Rcoef[:r, i] += c[:, 0].to(small)
             norm = float(x.norm())
-            if norm > max(100.0, 10.0 * nb) * eps * float(wnorms[i]):
+            if norm > max(100.0, 10.0 * nb) * eps * float(wnorms[i]) and nb + r < cap:
                 basis.V[:, nb + r] = (x / norm)[:, 0]
                 Rcoef[r, i] = norm
                 r += 1
