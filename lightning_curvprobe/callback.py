@@ -332,7 +332,8 @@ class CurvatureStabilityCallback(Callback):
                 on_epoch=True,
                 prog_bar=key == "delta2",
                 logger=True,
-                sync_dist=False,
+                # identical on every rank already; the (exact) mean only silences Lightning's DDP advice
+                sync_dist=trainer.world_size > 1,
             )
         if trainer.is_global_zero and self._eigenvalues is not None and not math.isnan(values["delta2"]):
             for logger in trainer.loggers:
@@ -426,6 +427,14 @@ class CurvatureStabilityCallback(Callback):
             "num_refreshes": self._num_refreshes,
             "history": [dict(h) for h in self.history],
         }
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            rank_zero_warn(
+                f"CurvatureStabilityCallback: the checkpoint holds no state for {self.state_key}; the probe starts "
+                "afresh (cold eigensolve, probe samples drawn again)."
+            )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -159,7 +159,7 @@ class CurvatureStability(Metric):
 
     def compute(self) -> Tensor:
         """Δ₂^(D) by the configured estimator (mean over added samples); also fills :attr:`details`."""
-        cat = {name: dim_zero_cat(getattr(self, name)) if getattr(self, name) else None for name in _CAT_STATES}
+        cat = {name: _cat_state(getattr(self, name)) for name in _CAT_STATES}
         dtype = self.base_loss_sum.dtype
         if float(self.base_count) < 1 or cat["added_loss"] is None or cat["added_loss"].numel() == 0:
             nan = torch.full((), float("nan"), dtype=dtype, device=self.base_loss_sum.device)
@@ -197,3 +197,10 @@ class CurvatureStability(Metric):
         self._direct_z = None
         self._qe_z = None
         self.details = {}
+
+
+def _cat_state(state: list[Tensor] | Tensor) -> Tensor | None:
+    """A "cat" state as one tensor: a list before a sync, already a tensor after it; None when empty."""
+    if isinstance(state, Tensor):
+        return state
+    return dim_zero_cat(state) if state else None
