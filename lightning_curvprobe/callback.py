@@ -172,7 +172,8 @@ class CurvatureStabilityCallback(Callback):
             raise ValueError(
                 "`loss_fn` must be given when the LightningModule uses manual optimization "
                 "(automatic_optimization=False): its training_step steps the optimizers itself, so the callback "
-                "cannot call it to get the loss. Pass loss_fn=lambda module, batch: <mean loss of batch>."
+                "cannot call it to get the loss. Pass loss_fn=lambda module, batch: <mean loss of batch>; "
+                "got loss_fn=None."
             )
         num_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if num_params == 0:
@@ -324,10 +325,11 @@ class CurvatureStabilityCallback(Callback):
             ) from err
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float]) -> None:
+        dtype = self._eigenvalues.dtype if self._eigenvalues is not None else torch.float32
         for key, value in values.items():
             pl_module.log(
                 f"{self.log_prefix}/{key}",
-                torch.tensor(value, dtype=torch.float32 if math.isnan(value) else torch.float64).float(),
+                torch.tensor(value, dtype=dtype),
                 on_step=False,
                 on_epoch=True,
                 prog_bar=key == "delta2",
@@ -339,8 +341,11 @@ class CurvatureStabilityCallback(Callback):
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
                 if hasattr(experiment, "add_histogram") and type(logger).__name__ == "TensorBoardLogger":
+                    # the step Lightning gives the epoch's scalars (the last optimizer step), so the two line up
                     experiment.add_histogram(
-                        f"{self.log_prefix}/eigenvalues", self._eigenvalues.float().cpu(), trainer.global_step
+                        f"{self.log_prefix}/eigenvalues",
+                        self._eigenvalues.float().cpu(),
+                        max(trainer.global_step - 1, 0),
                     )
 
     # ------------------------------------------------------------------ data and loss
@@ -351,7 +356,7 @@ class CurvatureStabilityCallback(Callback):
         return _training_step_loss
 
     def _prepare_probe_data(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fix the probe samples once: this rank's share of the base set and of the added set, on the module's device."""
+        """Fix the probe samples once: this rank's share of the base and added sets, on the module's device."""
         if self._base is not None:
             return
         k, m = self.num_probe_samples, self.num_added_samples

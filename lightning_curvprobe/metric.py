@@ -14,7 +14,15 @@ from lightning_curvprobe.functional.estimators import _gaussian_draws
 from lightning_curvprobe.functional.hvp import LossFn, ModelFunction
 from lightning_curvprobe.functional.probe import _collect_statistics, _evaluate, _Statistics
 
-_SUM_STATES = ("base_loss_sum", "base_count", "base_grad_sum", "base_hess_sum", "base_draw_loss_sum", "qe_draw_loss_sum")
+_SUM_STATES = (
+    "base_loss_sum",
+    "base_count",
+    "base_grad_sum",
+    "base_hess_sum",
+    "base_draw_loss_sum",
+    "qe_change_sum",
+    "qe_model_sum",
+)
 _CAT_STATES = ("added_loss", "added_grad", "added_hess", "added_draw_loss")
 
 
@@ -90,12 +98,12 @@ class CurvatureStability(Metric):
         self.add_state("base_grad_sum", torch.zeros(D), dist_reduce_fx="sum")
         self.add_state("base_hess_sum", torch.zeros(D, D), dist_reduce_fx="sum")
         self.add_state("base_draw_loss_sum", torch.zeros(S), dist_reduce_fx="sum")
-        self.add_state("qe_draw_loss_sum", torch.zeros(quadratic_error_samples), dist_reduce_fx="sum")
+        self.add_state("qe_change_sum", torch.zeros(quadratic_error_samples), dist_reduce_fx="sum")
+        self.add_state("qe_model_sum", torch.zeros(quadratic_error_samples), dist_reduce_fx="sum")
         self.add_state("added_loss", [], dist_reduce_fx="cat")
         self.add_state("added_grad", [], dist_reduce_fx="cat")
         self.add_state("added_hess", [], dist_reduce_fx="cat")
         self.add_state("added_draw_loss", [], dist_reduce_fx="cat")
-        self._eigenvalues: Tensor | None = None
         self._direct_z: Tensor | None = None
         self._qe_z: Tensor | None = None
         self.details: dict[str, Tensor] = {}
@@ -121,7 +129,7 @@ class CurvatureStability(Metric):
         base_loss: Tensor | None = None,
         base_grad: Tensor | None = None,
     ) -> None:
-        """Add this process's base samples and added samples, probed in the subspace ``eigenvectors``.
+        r"""Add this process's base samples and added samples, probed in the subspace ``eigenvectors``.
 
         Args:
             model: the network at the probe point (left unchanged).
@@ -138,7 +146,6 @@ class CurvatureStability(Metric):
                 f"`eigenvectors` must have shape (N, {self.num_eigenvectors}), got {tuple(eigenvectors.shape)}."
             )
         self._draws(eigenvectors)
-        self._eigenvalues = eigenvalues.detach()
         fn = ModelFunction(model, loss_fn)
         stats = _collect_statistics(
             fn,
@@ -176,17 +183,11 @@ class CurvatureStability(Metric):
             added_hess=cat["added_hess"].reshape(-1, D, D),  # type: ignore[union-attr]
             base_draw_loss_sum=self.base_draw_loss_sum,
             added_draw_loss=cat["added_draw_loss"],  # type: ignore[arg-type]
-            qe_draw_loss_sum=self.qe_draw_loss_sum,
+            qe_change_sum=self.qe_change_sum,
+            qe_model_sum=self.qe_model_sum,
         )
-        assert self._eigenvalues is not None
         out = _evaluate(
-            stats,
-            sigma=self.sigma,
-            estimator=self.estimator,
-            num_samples=self.num_samples,
-            generator=self.generator,
-            eigenvalues=self._eigenvalues.to(self.base_loss_sum),
-            qe_z=self._qe_z,
+            stats, sigma=self.sigma, estimator=self.estimator, num_samples=self.num_samples, generator=self.generator
         )
         self.details = out
         return out["delta2"]

@@ -149,7 +149,8 @@ class StabilityCurve:
 
     def fitted_delta2(self, k: float) -> float:
         r"""The fitted :math:`\Delta_2^{(D)}(k) = e^{b}(k+1)^{p}` (NaN when the fit is undefined)."""
-        return math.exp(self.intercept + self.decay_exponent * math.log(k + 1.0))
+        log_value = self.intercept + self.decay_exponent * math.log(k + 1.0)
+        return math.inf if log_value > 709.0 else math.exp(log_value)
 
 
 def stability_curve(
@@ -243,8 +244,7 @@ def stability_curve(
         raise ValueError(f"`added_batch` must hold at least 1 sample, got {m}.")
     sizes = _check_sample_sizes(sample_sizes, base_size)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    # one seed for the probe draws of every k: common random numbers across the curve
-    draw_seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+    draw_seed: int | None = None  # one seed for the probe draws of every k: common random numbers across the curve
 
     delta2, delta1, stderr, qerr = [], [], [], []
     hvps: list[int] = []
@@ -273,6 +273,8 @@ def stability_curve(
                 stacklevel=2,
             )
         basis = eig.basis
+        if draw_seed is None:  # drawn after the first solve, which thus starts as probe_stability's would
+            draw_seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
         draw_gen = torch.Generator(device=gen.device).manual_seed(draw_seed)
         direct_z = (
             _gaussian_draws(num_samples, D, sigma, draw_gen, eig.eigenvectors) if estimator == "direct_mc" else None
@@ -295,8 +297,6 @@ def stability_curve(
             estimator=estimator,
             num_samples=num_samples,
             generator=draw_gen,
-            eigenvalues=eig.eigenvalues,
-            qe_z=qe_z,
         )
         delta2.append(out["delta2"])
         delta1.append(out["delta1"])
@@ -447,8 +447,9 @@ def select_sigma(
     U, lam = U.to(device=fn.device, dtype=fn.dtype), lam.to(device=fn.device, dtype=fn.dtype)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
 
-    op = HessianOperator(fn, base_batch, where="the base samples")
+    op = HessianOperator(fn, base_batch, where="the base samples")  # the one forward and backward pass
     base_loss, proj_grad = op.loss.reshape(()), U.T @ op.gradient
+    del op  # free its graph before the forward passes
     zeta = _gaussian_draws(num_draws, U.shape[1], 1.0, gen, U)
     w0 = fn.current()
     base = fn.prepare(base_batch)
@@ -468,9 +469,7 @@ def select_sigma(
                 break
     valid = best is not None
     idx = best if best is not None else 0
-    return SigmaSelection(
-        sigma=sigmas[idx], grid=sigmas, errors=errors, valid=valid, index=idx, forward_passes=forward
-    )
+    return SigmaSelection(sigma=sigmas[idx], grid=sigmas, errors=errors, valid=valid, index=idx, forward_passes=forward)
 
 
 def _check_subspace(eigenvectors: Any, eigenvalues: Any, num_params: int) -> tuple[Tensor, Tensor]:

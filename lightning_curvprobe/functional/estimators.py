@@ -26,7 +26,7 @@ def increment_coefficients(
     added_grad: Tensor,
     added_hess: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Coefficients :math:`(a_j, c_j, B_j)` of :math:`\delta_j(w_0 + Uz) \approx a_j + c_j^\top z + \tfrac12 z^\top B_j z`.
+    r"""Coefficients of the model :math:`\delta_j(w_0 + Uz) \approx a_j + c_j^\top z + \tfrac12 z^\top B_j z`.
 
     From the base set's sums over its ``k`` samples (loss, projected gradient :math:`U^\top g`, projected Hessian
     :math:`U^\top H U`) and each added sample's own values:
@@ -92,7 +92,7 @@ def _gaussian_draws(num: int, dim: int, sigma: float, generator: torch.Generator
 
 
 def quadratic_surrogate(a: Tensor, c: Tensor, B: Tensor, z: Tensor) -> Tensor:
-    r""":math:`a_j + c_j^\top z_s + \tfrac12 z_s^\top B_j z_s` for every added sample ``j`` and draw ``s``: ``(m, S)``."""
+    r"""Quadratic model :math:`a_j + c_j^\top z_s + \tfrac12 z_s^\top B_j z_s` per added sample and draw, ``(m, S)``."""
     B = _symmetrize(B)
     return a[:, None] + c @ z.T + 0.5 * torch.einsum("sd,mde,se->ms", z, B, z)
 
@@ -121,6 +121,11 @@ def _quadratic_error(
     """
     change = base_draw_loss - base_loss
     model = z @ base_grad + 0.5 * (z * z) @ eigenvalues
+    return _quadratic_error_from_sums(change, model)
+
+
+def _quadratic_error_from_sums(change: Tensor, model: Tensor) -> Tensor:
+    """Ratio of means ``mean|change - model| / mean|change|`` per draw; any common scale (e.g. ``k``) cancels."""
     denom = change.abs().mean()
     return (change - model).abs().mean() / denom if float(denom) > 0 else torch.full_like(denom, float("nan"))
 

@@ -103,7 +103,9 @@ class ModelFunction:
         self._buffers: dict[str, Tensor] = {}
         if any(p.dtype != self.dtype for p in self._params):
             self._buffers = {
-                "model." + n: b.to(self.dtype) for n, b in model.named_buffers() if b is not None and b.is_floating_point()
+                "model." + n: b.to(self.dtype)
+                for n, b in model.named_buffers()
+                if b is not None and b.is_floating_point()
             }
 
     def current(self) -> Tensor:
@@ -114,7 +116,7 @@ class ModelFunction:
     def unflatten(self, w: Tensor) -> dict[str, Tensor]:
         """Views of ``w`` shaped like the parameters, keyed for the wrapped module."""
         views = torch.split(w, self.numels)
-        return {"model." + n: v.view(s) for n, v, s in zip(self.names, views, self.shapes)}
+        return {"model." + n: v.view(s) for n, v, s in zip(self.names, views, self.shapes, strict=True)}
 
     def prepare(self, batch: Any) -> Any:
         """The batch on the model's device, floating tensors in the compute dtype, outside inference mode."""
@@ -216,13 +218,14 @@ class HessianOperator:
 
     @property
     def dim(self) -> int:
+        """N, the number of trainable parameters."""
         return self.fn.num_params
 
     def matvec(self, v: Tensor) -> Tensor:
         """``H @ v`` for ``v`` of shape ``(N,)`` or ``(N, b)``; counts one HVP per column."""
-        block = v.reshape(self.dim, -1).to(self.fn.dtype)
-        out = torch.empty_like(block)
         with _probe_mode(self.fn.model):
+            block = v.reshape(self.dim, -1).to(self.fn.dtype)
+            out = torch.empty(block.shape, dtype=block.dtype, device=block.device)
             for i in range(block.shape[1]):
                 if self._grad.requires_grad:
                     (hv,) = torch.autograd.grad(
@@ -231,8 +234,8 @@ class HessianOperator:
                     out[:, i] = hv
                 else:  # the loss is (at most) linear in the parameters
                     out[:, i] = 0
-        self.num_hvps += block.shape[1]
-        out = _reduce(out, self.reduce_fn)
+            self.num_hvps += block.shape[1]
+            out = _reduce(out, self.reduce_fn)
         if not torch.isfinite(out).all():
             raise NonFiniteProbeError(f"a Hessian-vector product is not finite on {self.where}.")
         return out.reshape(v.shape)

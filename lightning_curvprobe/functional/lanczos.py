@@ -11,7 +11,8 @@ that carries most of the unconverged residuals), orthogonalises the product agai
 reorthogonalisation) and appends the remainder as a new pending vector. With one pending vector this is Lanczos.
 
 Warm start: one product tests whether the previous subspace :math:`Q` is still (nearly) invariant, with
-:math:`v_0 = Q\mathbf 1/\lVert Q\mathbf 1\rVert` and :math:`\rho = \lVert (I - QQ^\top) H v_0\rVert / \lVert H v_0\rVert`.
+:math:`v_0 = Q\mathbf 1/\lVert Q\mathbf 1\rVert` and
+:math:`\rho = \lVert (I - QQ^\top) H v_0\rVert / \lVert H v_0\rVert`.
 If :math:`\rho \le 10\,\mathrm{tol}` the subspace barely moved: the old vectors enter the basis as a block, so a
 Rayleigh-Ritz step (one product per vector) plus the few Krylov vectors that the residuals demand confirm it. Otherwise
 Lanczos runs from :math:`v_0`, whose first product is the test's: a moved subspace costs about what a cold solve costs
@@ -238,7 +239,8 @@ def top_eigenpairs(
             npend = append_pending(random_block(1))
             C = torch.zeros(npend, nd, dtype=small, device=device)
             continue
-        b = npend if nd == 0 else 1
+        # the first step multiplies the whole start block (as much of it as the basis has room for)
+        b = min(npend, max(1, cap - basis.size)) if nd == 0 else 1
         if nd > 0 and npend > 1:
             # rotate the pending block so that its first vector is the residual direction of the leading
             # unconverged Ritz pair (with one pending vector this is plain Lanczos)
@@ -250,7 +252,7 @@ def top_eigenpairs(
             Z, _ = torch.linalg.qr(torch.cat([d / d.norm().clamp_min(torch.finfo(small).tiny), eye], dim=1)[:, :npend])
             basis.V[:, nd : nd + npend] = basis.V[:, nd : nd + npend] @ Z.to(dtype)
             C = Z.T @ C
-        if basis.size + b > cap and basis.size < n:  # a basis spanning the whole space needs no room
+        if basis.size + b > cap and cap < n and nd > 0:  # with cap == n the remainders always fit
             nd, T, C, restarts = _restart(basis, nd, npend, T, C, theta, S, kt, cap - b, restarts)
         if cached is not None and b == 1 and nd == 0:
             W = cached[1] / float(cached[0].norm())  # the start vector's product, paid for by the warm-start test

@@ -27,7 +27,7 @@ from lightning_curvprobe.functional.estimators import (
     _direct_increments,
     _gaussian_draws,
     _mean_and_stderr,
-    _quadratic_error,
+    _quadratic_error_from_sums,
     delta2_gaussian_moment,
     increment_coefficients,
     quadratic_surrogate,
@@ -49,7 +49,8 @@ class _Statistics:
     added_hess: Tensor  # (m, D, D)
     base_draw_loss_sum: Tensor  # (S,)   k L_k(w0 + U z_s) for direct Monte Carlo
     added_draw_loss: Tensor  # (m, S)    l_j(w0 + U z_s)
-    qe_draw_loss_sum: Tensor  # (Q,)     k L_k(w0 + U z_q) for the quadratic-validity error
+    qe_change_sum: Tensor  # (Q,)   k (L_k(w0 + U z_q) - L_k(w0)), for the quadratic-validity error
+    qe_model_sum: Tensor  # (Q,)    k (g_k^T U z_q + z_q^T Lambda z_q / 2), its second-order model
     hvps: int = 0  # products spent on the added samples
     forward_passes: int = 0  # loss evaluations at perturbed points
 
@@ -71,58 +72,69 @@ def _collect_statistics(
     ``base_loss``/``base_grad`` (this process's mean loss and gradient on ``base_batch``) skip a forward and backward
     pass when the caller already has them. ``direct_z`` (S, D) and ``qe_z`` (Q, D) are the probe draws.
     """
-    U = eigenvectors.to(fn.dtype)
-    D = U.shape[1]
-    k = _batch_size(base_batch, "base_batch")
-    m = _batch_size(added_batch, "added_batch")
-    dev, dt = fn.device, fn.dtype
-    if base_loss is None or base_grad is None:
-        op = HessianOperator(fn, base_batch, where="the base samples")
-        base_loss, base_grad = op.loss, op.gradient
-    added_loss = torch.empty(m, dtype=dt, device=dev)
-    added_grad = torch.empty(m, D, dtype=dt, device=dev)
-    added_hess = torch.empty(m, D, D, dtype=dt, device=dev)
-    hvps = 0
-    for j in range(m):
-        op_j = HessianOperator(fn, _slice_batch(added_batch, j, j + 1), where=f"added sample {j}")
-        added_loss[j] = op_j.loss
-        added_grad[j] = U.T @ op_j.gradient
-        added_hess[j] = U.T @ op_j.matvec(U)
-        hvps += op_j.num_hvps
-    S = 0 if direct_z is None else direct_z.shape[0]
-    Q = 0 if qe_z is None else qe_z.shape[0]
-    base_draw = torch.empty(S, dtype=dt, device=dev)
-    added_draw = torch.empty(m, S, dtype=dt, device=dev)
-    qe_draw = torch.empty(Q, dtype=dt, device=dev)
-    forward = 0
-    if S or Q:
-        w0 = fn.current()
-        base = fn.prepare(base_batch)
-        added = [fn.prepare(_slice_batch(added_batch, j, j + 1)) for j in range(m)] if S else []
-        with _probe_mode(fn.model), torch.no_grad():
-            for s in range(S):
-                w = w0 + U @ direct_z[s].to(dt)  # type: ignore[index]
-                base_draw[s] = fn.loss(w, base) * k
-                for j in range(m):
-                    added_draw[j, s] = fn.loss(w, added[j])
-                forward += 1 + m
-            for q in range(Q):
-                qe_draw[q] = fn.loss(w0 + U @ qe_z[q].to(dt), base) * k  # type: ignore[index]
-                forward += 1
-    return _Statistics(
-        base_loss_sum=base_loss.reshape(()) * k,
-        base_count=torch.tensor(float(k), dtype=dt, device=dev),
-        base_grad_sum=(U.T @ base_grad) * k,
-        base_hess_sum=torch.diag(eigenvalues.to(dt)) * k,
-        added_loss=added_loss,
-        added_grad=added_grad,
-        added_hess=added_hess,
-        base_draw_loss_sum=base_draw,
-        added_draw_loss=added_draw,
-        qe_draw_loss_sum=qe_draw,
-        hvps=hvps,
-        forward_passes=forward,
-    )
+    with torch.inference_mode(False):  # tensors written inside the probe must not be inference tensors
+        U = eigenvectors.to(fn.dtype)
+        D = U.shape[1]
+        k = _batch_size(base_batch, "base_batch")
+        m = _batch_size(added_batch, "added_batch")
+        dev, dt = fn.device, fn.dtype
+        if base_loss is None or base_grad is None:
+            op = HessianOperator(fn, base_batch, where="the base samples")
+            base_loss, base_grad = op.loss, op.gradient
+        added_loss = torch.empty(m, dtype=dt, device=dev)
+        added_grad = torch.empty(m, D, dtype=dt, device=dev)
+        added_hess = torch.empty(m, D, D, dtype=dt, device=dev)
+        hvps = 0
+        for j in range(m):
+            op_j = HessianOperator(fn, _slice_batch(added_batch, j, j + 1), where=f"added sample {j}")
+            added_loss[j] = op_j.loss
+            added_grad[j] = U.T @ op_j.gradient
+            added_hess[j] = U.T @ op_j.matvec(U)
+            hvps += op_j.num_hvps
+        S = 0 if direct_z is None else direct_z.shape[0]
+        Q = 0 if qe_z is None else qe_z.shape[0]
+        base_draw = torch.empty(S, dtype=dt, device=dev)
+        added_draw = torch.empty(m, S, dtype=dt, device=dev)
+        qe_draw = torch.empty(Q, dtype=dt, device=dev)
+        forward = 0
+        if S or Q:
+            w0 = fn.current()
+            base = fn.prepare(base_batch)
+            added = [fn.prepare(_slice_batch(added_batch, j, j + 1)) for j in range(m)] if S else []
+            with _probe_mode(fn.model), torch.no_grad():
+                for s in range(S):
+                    w = w0 + U @ direct_z[s].to(dt)  # type: ignore[index]
+                    base_draw[s] = fn.loss(w, base) * k
+                    for j in range(m):
+                        added_draw[j, s] = fn.loss(w, added[j])
+                    forward += 1 + m
+                for q in range(Q):
+                    qe_draw[q] = fn.loss(w0 + U @ qe_z[q].to(dt), base)  # type: ignore[index]
+                    forward += 1
+        base_grad = base_grad.to(dt)
+        return _Statistics(
+            base_loss_sum=base_loss.reshape(()) * k,
+            base_count=torch.tensor(float(k), dtype=dt, device=dev),
+            base_grad_sum=(U.T @ base_grad) * k,
+            base_hess_sum=torch.diag(eigenvalues.to(dt)) * k,
+            added_loss=added_loss,
+            added_grad=added_grad,
+            added_hess=added_hess,
+            base_draw_loss_sum=base_draw,
+            added_draw_loss=added_draw,
+            qe_change_sum=(qe_draw - base_loss.reshape(())) * k,
+            qe_model_sum=_second_order_model(qe_z, U.T @ base_grad, eigenvalues.to(dt)) * k,
+            hvps=hvps,
+            forward_passes=forward,
+        )
+
+
+def _second_order_model(z: Tensor | None, grad: Tensor, eigenvalues: Tensor) -> Tensor:
+    """``g^T z + z^T diag(eigenvalues) z / 2`` per draw (rows of ``z``); empty without draws."""
+    if z is None:
+        return grad.new_zeros(0)
+    z = z.to(grad)
+    return z @ grad + 0.5 * (z * z) @ eigenvalues
 
 
 def _evaluate(
@@ -132,8 +144,6 @@ def _evaluate(
     estimator: str,
     num_samples: int,
     generator: torch.Generator,
-    eigenvalues: Tensor,
-    qe_z: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Criterion values from (globally summed) statistics; shared by ``probe_stability`` and the metric."""
     a, c, B = increment_coefficients(
@@ -163,15 +173,8 @@ def _evaluate(
         "c": c,
         "B": B,
     }
-    k = stats.base_count
-    if qe_z is not None and qe_z.shape[0] > 0:
-        out["quadratic_error"] = _quadratic_error(
-            stats.base_loss_sum / k,
-            stats.base_grad_sum / k,
-            eigenvalues.to(a.dtype),
-            qe_z.to(a.dtype),
-            stats.qe_draw_loss_sum / k,
-        )
+    if stats.qe_change_sum.numel() > 0:
+        out["quadratic_error"] = _quadratic_error_from_sums(stats.qe_change_sum, stats.qe_model_sum)
     else:
         out["quadratic_error"] = torch.full_like(delta2, float("nan"))
     return out
@@ -337,8 +340,6 @@ def probe_stability(
         estimator=estimator,
         num_samples=num_samples,
         generator=gen,
-        eigenvalues=eig.eigenvalues,
-        qe_z=qe_z,
     )
     return ProbeResult(
         delta2=out["delta2"],

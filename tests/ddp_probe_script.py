@@ -1,0 +1,69 @@
+"""Run by tests/test_integration.py in a subprocess: a 2-process CPU DDP fit with the callback.
+
+Lightning's DDP launcher re-executes this script for rank 1, so it must be a standalone script (not pytest).
+Usage: python tests/ddp_probe_script.py OUT_DIR [ESTIMATOR]
+Each rank writes OUT_DIR/rank{r}.pt with its logged history, the probe's subspace and the final weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _integration_models import TinyRegressor, make_regression  # noqa: E402
+
+from lightning_curvprobe import CurvatureStabilityCallback  # noqa: E402
+
+
+def main() -> None:
+    out = sys.argv[1]
+    estimator = sys.argv[2] if len(sys.argv) > 2 else "gaussian_moment"
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    train, probe = make_regression()
+    model = TinyRegressor()
+    cb = CurvatureStabilityCallback(
+        num_eigenvectors=4,
+        sigma=0.05,
+        num_probe_samples=16,
+        num_added_samples=4,
+        estimator=estimator,
+        num_mc_samples=16,
+        probe_data=probe,
+        tol=1e-10,
+        loss_fn=TinyRegressor.mean_loss,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        precision="64-true",
+        max_epochs=2,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(
+        model, torch.utils.data.DataLoader(train, batch_size=16), torch.utils.data.DataLoader(train, batch_size=64)
+    )
+    torch.save(
+        {
+            "history": cb.history,
+            "basis": cb._basis,
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "world": trainer.world_size,
+        },
+        os.path.join(out, f"rank{trainer.global_rank}.pt"),
+    )
+
+
+if __name__ == "__main__":
+    main()
