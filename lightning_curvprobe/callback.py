@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from typing_extensions import override
@@ -28,6 +28,7 @@ from lightning_curvprobe._checks import (
     _check_positive_float,
 )
 from lightning_curvprobe.functional._batch import _batch_size, _cast_batch, _slice_batch
+from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
 from lightning_curvprobe.functional.hvp import HessianOperator, ModelFunction, NonFiniteProbeError, _check_loss
 from lightning_curvprobe.functional.lanczos import EigenResult, top_eigenpairs
 from lightning_curvprobe.metric import CurvatureStability
@@ -62,7 +63,18 @@ class CurvatureStabilityCallback(Callback):
     - ``<prefix>/quadratic_error``: relative error of the second-order model of the loss along the probe directions at
       :math:`\sigma` (small = :math:`\sigma` is inside the local regime).
     - ``<prefix>/delta2_stderr``: standard error of ``delta2`` over added samples (only when ``num_added_samples > 1``).
-    - with a ``TensorBoardLogger``: the top-``D`` eigenvalues as the histogram ``<prefix>/eigenvalues``.
+    - ``<prefix>/sigma``: the probe scale in use (the selected one with ``sigma="auto"``).
+    - with ``sample_sizes`` (at refreshes): ``<prefix>/decay_exponent`` and ``<prefix>/delta1_exponent`` (log-log
+      slopes of :math:`\Delta_2^{(D)}` and :math:`\Delta_1` against ``k+1``; theory about -2 and -1) and
+      ``<prefix>/sufficient_k`` (the extrapolated smallest ``k`` with :math:`\Delta_2^{(D)} \le`
+      ``sufficient_tolerance``; NaN when the curve does not decrease or no tolerance is set).
+    - with ``full_space_samples > 0``: ``<prefix>/delta2_full`` (isotropic Monte Carlo :math:`\Delta_2`) and
+      ``<prefix>/subspace_ratio`` :math:`= \Delta_2^{(D)} / \Delta_2`.
+    - with a ``TensorBoardLogger``: the top-``D`` eigenvalues as the histogram ``<prefix>/eigenvalues``, and, when
+      matplotlib is installed, images at each refresh: ``<prefix>/spectrum`` (the top-``D`` eigenvalues against their
+      index; look for a gap after the first few and for the top ones settling) and, with ``sample_sizes``,
+      ``<prefix>/sample_growth`` (log-log :math:`\Delta` against ``k+1`` with the fitted lines; parallel straight lines
+      of slope about -2 and -1 mean the theory's regime, a flattening curve means more data stops helping).
 
     A probe that meets a non-finite loss or Hessian-vector product logs NaN and warns once; Lightning's
     ``EarlyStopping(check_finite=True)`` (its default) then stops the run — a NaN probe usually means the training
@@ -71,7 +83,10 @@ class CurvatureStabilityCallback(Callback):
 
     Args:
         num_eigenvectors: ``D``, the subspace dimension (``1 <= D <`` number of trainable parameters).
-        sigma: probe scale :math:`\sigma > 0` (in parameter units).
+        sigma: probe scale :math:`\sigma > 0` (in parameter units), or ``"auto"``: at each refresh, the largest
+            :math:`\sigma` on the grid ``10**linspace(-6, -1, 11)`` whose quadratic-validity error stays below
+            ``max_quadratic_error`` (cost: one forward and backward pass plus at most 88 forward passes on the base
+            samples; under DDP rank 0's choice is used on every rank).
         num_probe_samples: ``k``, base samples.
         num_added_samples: ``m``, candidate added samples (the result averages over them).
         estimator: ``"gaussian_moment"`` (closed form, default), ``"quadratic_mc"`` or ``"direct_mc"``.
@@ -88,6 +103,12 @@ class CurvatureStabilityCallback(Callback):
         log_prefix: prefix of the logged keys.
         seed: seed of the callback's own ``torch.Generator``.
         save_subspace: keep the subspace (``N x (D + p)`` floats) in checkpoints so that a resumed run refreshes warm.
+        max_quadratic_error: the validity threshold of ``sigma="auto"``.
+        sample_sizes: base-set sizes ``k`` (nested prefixes of the base samples, each ``<= num_probe_samples``) for
+            the sample-growth curve computed at each refresh (single-process runs; each solve warm-started).
+        sufficient_tolerance: the :math:`\Delta_2^{(D)}` target of ``sufficient_k``.
+        full_space_samples: Monte Carlo draws of the full-space :math:`\Delta_2` (0 = off; single-process runs;
+            two forward passes per draw and added sample).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -100,7 +121,7 @@ class CurvatureStabilityCallback(Callback):
     def __init__(
         self,
         num_eigenvectors: int = 10,
-        sigma: float = 1e-3,
+        sigma: float | Literal["auto"] = 1e-3,
         num_probe_samples: int = 64,
         num_added_samples: int = 1,
         estimator: Estimator = "gaussian_moment",
@@ -114,10 +135,14 @@ class CurvatureStabilityCallback(Callback):
         log_prefix: str = "curvprobe",
         seed: int = 0,
         save_subspace: bool = True,
+        max_quadratic_error: float = 0.1,
+        sample_sizes: list[int] | None = None,
+        sufficient_tolerance: float | None = None,
+        full_space_samples: int = 0,
     ) -> None:
         super().__init__()
         self.num_eigenvectors = _check_int("num_eigenvectors", num_eigenvectors, minimum=1)
-        self.sigma = _check_positive_float("sigma", sigma)
+        self.sigma: float | str = "auto" if sigma == "auto" else _check_positive_float("sigma", sigma)
         self.num_probe_samples = _check_int("num_probe_samples", num_probe_samples, minimum=1)
         self.num_added_samples = _check_int("num_added_samples", num_added_samples, minimum=1)
         self.estimator = _check_choice("estimator", estimator, ESTIMATORS)
@@ -142,6 +167,29 @@ class CurvatureStabilityCallback(Callback):
         self.log_prefix = log_prefix
         self.seed = _check_int("seed", seed, minimum=0)
         self.save_subspace = bool(save_subspace)
+        self.max_quadratic_error = _check_positive_float("max_quadratic_error", max_quadratic_error)
+        if sample_sizes is not None:
+            sizes = list(sample_sizes)
+            ok = all(isinstance(v, int) and not isinstance(v, bool) for v in sizes)
+            if not sizes or not ok or any(v < 1 for v in sizes) or sizes != sorted(set(sizes)):
+                raise ValueError(
+                    "`sample_sizes` must be a non-empty strictly increasing list of positive ints, "
+                    f"got {sample_sizes!r}."
+                )
+            if sizes[-1] > num_probe_samples:
+                raise ValueError(
+                    f"`sample_sizes` must not exceed num_probe_samples={num_probe_samples}, got {sample_sizes!r}."
+                )
+            sample_sizes = sizes
+        self.sample_sizes = sample_sizes
+        self.sufficient_tolerance = (
+            None
+            if sufficient_tolerance is None
+            else _check_positive_float("sufficient_tolerance", sufficient_tolerance)
+        )
+        self.full_space_samples = _check_int("full_space_samples", full_space_samples, minimum=0)
+        self._sigma_value = 1e-3 if self.sigma == "auto" else float(self.sigma)
+        self._warned_plot = False
         # runtime state
         self._generator = torch.Generator().manual_seed(seed)
         self._basis: Tensor | None = None  # (N, D + p) from the last refresh, warm start of the next
@@ -154,6 +202,7 @@ class CurvatureStabilityCallback(Callback):
         self._warned_nonfinite = False
         self._metric: CurvatureStability | None = None
         self.last_result: EigenResult | None = None
+        self.last_curve: StabilityCurve | None = None
         self.history: list[dict[str, float]] = []
 
     @property
@@ -183,6 +232,12 @@ class CurvatureStabilityCallback(Callback):
             )
         _check_num_eigenvectors(self.num_eigenvectors, num_params)
         world = trainer.world_size
+        if world > 1 and (self.sample_sizes is not None or self.full_space_samples > 0):
+            raise ValueError(
+                "`sample_sizes` and `full_space_samples` are supported in single-process runs only for now, got "
+                f"sample_sizes={self.sample_sizes!r}, full_space_samples={self.full_space_samples} with "
+                f"{world} processes."
+            )
         if self.num_probe_samples < world:
             raise ValueError(
                 f"`num_probe_samples` must be at least the number of processes ({world}) so that every rank holds a "
@@ -191,7 +246,7 @@ class CurvatureStabilityCallback(Callback):
         if self._metric is None:
             self._metric = CurvatureStability(
                 self.num_eigenvectors,
-                sigma=self.sigma,
+                sigma=self._sigma_value,
                 estimator=self.estimator,
                 num_samples=self.num_mc_samples,
                 quadratic_error_samples=self.quadratic_error_samples,
@@ -271,6 +326,21 @@ class CurvatureStabilityCallback(Callback):
                     overlap = 1.0
                 assert self._basis is not None and self._eigenvalues is not None
                 U = self._basis[:, : self.num_eigenvectors].to(device=fn.device, dtype=fn.dtype)
+                if refresh and self.sigma == "auto":
+                    selection = self._call_user(
+                        lambda: select_sigma(
+                            pl_module,
+                            self._loss_fn(pl_module),
+                            self._base,
+                            U,
+                            self._eigenvalues.to(U),  # type: ignore[union-attr]
+                            max_quadratic_error=self.max_quadratic_error,
+                            generator=self._generator,
+                        ),
+                        "the base samples (sigma selection)",
+                    )
+                    self._sigma_value = float(trainer.strategy.broadcast(selection.sigma))
+                metric.sigma = self._sigma_value
                 metric.reset()
                 self._call_user(
                     lambda: metric.update(
@@ -287,6 +357,7 @@ class CurvatureStabilityCallback(Callback):
                 )
                 delta2 = float(metric.compute())
                 details = metric.details
+                extra = self._extras(pl_module, refresh)
             values = {
                 "delta2": delta2,
                 "delta1": float(details["delta1"]),
@@ -294,7 +365,11 @@ class CurvatureStabilityCallback(Callback):
                 "subspace_overlap": overlap,
                 "hvps": float(hvps),
                 "quadratic_error": float(details["quadratic_error"]),
+                "sigma": self._sigma_value,
             }
+            if "delta2_full" in extra:
+                extra["subspace_ratio"] = delta2 / extra["delta2_full"] if extra["delta2_full"] > 0 else nan
+            values.update(extra)
             if self.num_added_samples > 1:
                 values["delta2_stderr"] = float(details["delta2_stderr"])
         except NonFiniteProbeError as err:
@@ -306,10 +381,55 @@ class CurvatureStabilityCallback(Callback):
                 self._warned_nonfinite = True
             values = {key: nan for key in _KEYS}
             values["hvps"] = 0.0
+            values["sigma"] = self._sigma_value
             if self.num_added_samples > 1:
                 values["delta2_stderr"] = nan
         self.history.append({"epoch": float(trainer.current_epoch), **values})
         return values
+
+    def _extras(self, pl_module: LightningModule, refresh: bool) -> dict[str, float]:
+        """The optional sample-growth curve (at refreshes) and full-space comparison."""
+        out: dict[str, float] = {}
+        loss_fn = self._loss_fn(pl_module)
+        if refresh and self.sample_sizes is not None:
+            curve = self._call_user(
+                lambda: stability_curve(
+                    pl_module,
+                    loss_fn,
+                    self._base,
+                    self._added,
+                    sample_sizes=self.sample_sizes,  # type: ignore[arg-type]
+                    num_eigenvectors=self.num_eigenvectors,
+                    sigma=self._sigma_value,
+                    estimator=self.estimator,
+                    num_samples=self.num_mc_samples,
+                    tol=self.tol,
+                    tolerance=self.sufficient_tolerance,
+                    generator=self._generator,
+                    warm_start=self._basis,
+                ),
+                "the base samples (sample-growth curve)",
+            )
+            self.last_curve = curve
+            out["decay_exponent"] = float(curve.decay_exponent)
+            out["delta1_exponent"] = float(curve.delta1_exponent)
+            out["sufficient_k"] = float("nan") if curve.sufficient_k is None else float(curve.sufficient_k)
+        if self.full_space_samples > 0:
+            out["delta2_full"] = float(
+                self._call_user(
+                    lambda: delta2_full_space(
+                        pl_module,
+                        loss_fn,
+                        self._base,
+                        self._added,
+                        sigma=self._sigma_value,
+                        num_samples=self.full_space_samples,
+                        generator=self._generator,
+                    ),
+                    "the probe samples (full-space Monte Carlo)",
+                )
+            )
+        return out
 
     def _call_user(self, thunk: Callable[[], Any], where: str) -> Any:
         """Run ``thunk``; a user error is re-raised with the probe's context (non-finite values pass through)."""
@@ -342,11 +462,51 @@ class CurvatureStabilityCallback(Callback):
                 experiment = getattr(logger, "experiment", None)
                 if hasattr(experiment, "add_histogram") and type(logger).__name__ == "TensorBoardLogger":
                     # the step Lightning gives the epoch's scalars (the last optimizer step), so the two line up
-                    experiment.add_histogram(
-                        f"{self.log_prefix}/eigenvalues",
-                        self._eigenvalues.float().cpu(),
-                        max(trainer.global_step - 1, 0),
-                    )
+                    step = max(trainer.global_step - 1, 0)
+                    experiment.add_histogram(f"{self.log_prefix}/eigenvalues", self._eigenvalues.float().cpu(), step)
+                    if values.get("hvps", 0) > 0:  # a refresh: draw the pictures
+                        self._log_figures(experiment, step)
+
+    def _log_figures(self, experiment: Any, step: int) -> None:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            if not self._warned_plot:
+                rank_zero_info(
+                    "CurvatureStabilityCallback: install matplotlib (pip install 'lightning-curvprobe[plot]') to get "
+                    "the spectrum and sample-growth images in TensorBoard; skipping them."
+                )
+                self._warned_plot = True
+            return
+        assert self._eigenvalues is not None
+        eig = self._eigenvalues.detach().double().cpu()
+        fig = Figure(figsize=(4.5, 3.2), dpi=100)
+        ax = fig.add_subplot()
+        ax.plot(range(1, len(eig) + 1), eig.tolist(), "o-")
+        ax.set_xlabel("index i")
+        ax.set_ylabel("Hessian eigenvalue λ_i")
+        ax.set_title(f"top-{len(eig)} spectrum")
+        fig.tight_layout()
+        experiment.add_figure(f"{self.log_prefix}/spectrum", fig, step)
+        curve = self.last_curve
+        if curve is not None:
+            fig = Figure(figsize=(4.5, 3.2), dpi=100)
+            ax = fig.add_subplot()
+            kp1 = [k + 1 for k in curve.sample_sizes]
+            for name, vals, slope, icpt in (
+                ("Δ₂^(D)", curve.delta2, curve.decay_exponent, curve.intercept),
+                ("Δ₁", curve.delta1, curve.delta1_exponent, curve.delta1_intercept),
+            ):
+                line = ax.loglog(kp1, [float(v) for v in vals], "o", label=f"{name}: slope {slope:.2f}")[0]
+                if math.isfinite(slope):
+                    ax.loglog(kp1, [math.exp(icpt) * x**slope for x in kp1], "-", color=line.get_color())
+            ax.set_xticks(kp1, labels=[str(x) for x in kp1])
+            ax.set_xticks([], minor=True)
+            ax.set_xlabel("k + 1")
+            ax.set_ylabel("criterion")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            experiment.add_figure(f"{self.log_prefix}/sample_growth", fig, step)
 
     # ------------------------------------------------------------------ data and loss
 
@@ -429,6 +589,7 @@ class CurvatureStabilityCallback(Callback):
             "generator_state": self._generator.get_state(),
             "metric_generator_state": self._metric.generator.get_state() if self._metric is not None else None,
             "num_probes": self._num_probes,
+            "sigma_value": self._sigma_value,
             "num_refreshes": self._num_refreshes,
             "history": [dict(h) for h in self.history],
         }
@@ -453,6 +614,8 @@ class CurvatureStabilityCallback(Callback):
         if state_dict.get("metric_generator_state") is not None and self._metric is not None:
             self._metric.generator.set_state(state_dict["metric_generator_state"])
         self._num_probes = int(state_dict.get("num_probes", 0))
+        if self.sigma == "auto":
+            self._sigma_value = float(state_dict.get("sigma_value", self._sigma_value))
         self._num_refreshes = int(state_dict.get("num_refreshes", 0))
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._base = self._added = None

@@ -1,5 +1,12 @@
 """Plain-PyTorch core of lightning_curvprobe (no Lightning import): HVPs, the eigensolver and the estimators."""
 
+from lightning_curvprobe.functional.curve import (
+    SigmaSelection,
+    StabilityCurve,
+    delta2_full_space,
+    select_sigma,
+    stability_curve,
+)
 from lightning_curvprobe.functional.estimators import (
     delta2_gaussian_moment,
     increment_coefficients,
@@ -15,9 +22,14 @@ __all__ = [
     "ModelFunction",
     "NonFiniteProbeError",
     "ProbeResult",
+    "SigmaSelection",
+    "StabilityCurve",
+    "delta2_full_space",
     "delta2_gaussian_moment",
     "increment_coefficients",
     "probe_stability",
     "quadratic_surrogate",
+    "select_sigma",
+    "stability_curve",
     "top_eigenpairs",
 ]
