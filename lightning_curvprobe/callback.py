@@ -460,7 +460,7 @@ class CurvatureStabilityCallback(Callback):
         if trainer.is_global_zero and self._eigenvalues is not None and not math.isnan(values["delta2"]):
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
-                if hasattr(experiment, "add_histogram") and type(logger).__name__ == "TensorBoardLogger":
+                if experiment is not None and type(logger).__name__ == "TensorBoardLogger":
                     # the step Lightning gives the epoch's scalars (the last optimizer step), so the two line up
                     step = max(trainer.global_step - 1, 0)
                     experiment.add_histogram(f"{self.log_prefix}/eigenvalues", self._eigenvalues.float().cpu(), step)
@@ -544,8 +544,9 @@ class CurvatureStabilityCallback(Callback):
 
     def _draw_from_train_loader(self, trainer: Trainer, n: int) -> Any:
         loader = trainer.train_dataloader
-        if loader is None and trainer.datamodule is not None and hasattr(trainer.datamodule, "train_dataloader"):
-            loader = trainer.datamodule.train_dataloader()
+        datamodule = getattr(trainer, "datamodule", None)
+        if loader is None and datamodule is not None and hasattr(datamodule, "train_dataloader"):
+            loader = datamodule.train_dataloader()
         if isinstance(loader, (list, tuple)) and loader:
             loader = loader[0]
         if isinstance(loader, dict) and loader:

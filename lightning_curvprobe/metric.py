@@ -73,6 +73,18 @@ class CurvatureStability(Metric):
     higher_is_better = False
     full_state_update = False
 
+    base_loss_sum: Tensor
+    base_count: Tensor
+    base_grad_sum: Tensor
+    base_hess_sum: Tensor
+    base_draw_loss_sum: Tensor
+    qe_change_sum: Tensor
+    qe_model_sum: Tensor
+    added_loss: list[Tensor] | Tensor
+    added_grad: list[Tensor] | Tensor
+    added_hess: list[Tensor] | Tensor
+    added_draw_loss: list[Tensor] | Tensor
+
     def __init__(
         self,
         num_eigenvectors: int,
