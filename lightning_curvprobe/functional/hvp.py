@@ -7,21 +7,41 @@ every product, so a block of vectors costs one forward and backward pass plus on
 
 The model itself is never modified: the loss is evaluated with :func:`torch.func.functional_call` on views of a flat
 parameter vector, in eval mode (restored afterwards), with autocast disabled, in float32 or float64.
+
+Batching: a block of ``b`` vectors is applied by one batched backward pass (``torch.autograd.grad(...,
+is_grads_batched=True)``, i.e. ``vmap`` over the vectors) in chunks of at most ``max(1, BATCH_ELEMENTS // N)``
+vectors, so the extra memory of a chunk stays near ``BATCH_ELEMENTS`` numbers: small models (where a product's cost is
+per-call overhead) get the whole block in one pass, large ones (``N > BATCH_ELEMENTS``) fall back to one backward per
+vector. :func:`per_sample_statistics` and :func:`perturbed_losses` batch the added samples' projected Hessians and the
+Monte Carlo forward passes with :mod:`torch.func` in the same way. Whenever ``vmap`` cannot trace a model (an
+operation without a batching rule, data-dependent control flow, ``.item()``, ...), the per-vector / per-sample loops
+are used instead; results agree to rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_curvprobe.functional._batch import _batch_size, _cast_batch
+from lightning_curvprobe.functional._batch import _batch_size, _cast_batch, _map_tensors
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 ReduceFn = Callable[[Tensor], Any]
+
+#: Most numbers (``vectors x N``) that one batched pass may hold in flight: blocks of Hessian-vector products, the
+#: added samples' products and the Monte Carlo perturbations are chunked to stay within it (64 MiB in float32).
+BATCH_ELEMENTS = 1 << 24
+#: Set to False to use the per-vector and per-sample loops everywhere (the benchmarks compare both).
+USE_BATCHED = True
+# models for which vmap failed once (their next probes go straight to the loops)
+_VMAP_FAILED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+_VMAP_WARNING = r".*(performance drop|batching rule|fallback).*"
 
 
 class NonFiniteProbeError(FloatingPointError):
@@ -157,7 +177,8 @@ class HessianOperator:
     r"""Hessian of the loss on one batch at fixed parameters, applied to flat vectors.
 
     The gradient graph at :math:`w_0` is built once; :meth:`matvec` applies :math:`H = \nabla^2 L(w_0)` to a vector
-    (shape ``(N,)``) or a block (shape ``(N, b)``) by one extra backward pass per vector.
+    (shape ``(N,)``) or a block (shape ``(N, b)``) by one extra backward pass per vector, batched over the block's
+    vectors (``max_batch`` at a time).
 
     Sharded data: with ``scale = n_local / n_global`` and ``reduce_fn`` summing across processes (for example
     ``torch.distributed.all_reduce``), every process feeds its own shard and all obtain the loss, gradient and HVPs of
@@ -170,6 +191,9 @@ class HessianOperator:
         reduce_fn: applied to every partial result (loss, gradient, HVP block); returns the reduced tensor or reduces
             in place and returns ``None``.
         point: the parameters to linearise at (default: the model's current ones).
+        where: names the batch in error messages.
+        max_batch: most vectors per batched backward pass (default ``max(1, BATCH_ELEMENTS // N)``; 1 = one backward
+            pass per vector, the lowest memory).
 
     Attributes:
         loss: the (reduced, scaled) loss at ``point``.
@@ -177,6 +201,8 @@ class HessianOperator:
         local_loss: this process's scaled loss before the reduction.
         local_gradient: its gradient before the reduction.
         num_hvps: Hessian-vector products applied so far (a block of ``b`` vectors counts ``b``).
+        max_batch: most vectors per batched backward pass.
+        batch_error: why batched products were abandoned for this operator (None while they work).
 
     Example:
         >>> import torch
@@ -196,12 +222,18 @@ class HessianOperator:
         reduce_fn: ReduceFn | None = None,
         point: Tensor | None = None,
         where: str = "the probe batch",
+        max_batch: int | None = None,
     ) -> None:
         _batch_size(batch)
         self.fn = fn
         self.reduce_fn = reduce_fn
         self.num_hvps = 0
         self.where = where
+        if max_batch is None:
+            max_batch = max(1, BATCH_ELEMENTS // fn.num_params) if USE_BATCHED else 1
+        self.max_batch = int(max_batch)
+        self._batched = self.max_batch > 1
+        self.batch_error: str | None = None
         batch = fn.prepare(batch)
         with _probe_mode(fn.model):
             w = (fn.current() if point is None else point.detach().to(fn.dtype)).requires_grad_(True)
@@ -222,22 +254,197 @@ class HessianOperator:
         return self.fn.num_params
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``H @ v`` for ``v`` of shape ``(N,)`` or ``(N, b)``; counts one HVP per column."""
+        """``H @ v`` for ``v`` of shape ``(N,)`` or ``(N, b)``; counts one HVP per column.
+
+        ``v`` may live on another device than the model (e.g. a Krylov basis kept in CPU memory): it is moved to the
+        model's device chunk by chunk and the result is returned on ``v``'s device. A block is applied by batched
+        backward passes of at most :attr:`max_batch` vectors (see the module docstring).
+        """
+        block = v.reshape(self.dim, -1)
+        b = block.shape[1]
+        dev = self.fn.device
         with _probe_mode(self.fn.model):
-            block = v.reshape(self.dim, -1).to(self.fn.dtype)
-            out = torch.empty(block.shape, dtype=block.dtype, device=block.device)
-            for i in range(block.shape[1]):
-                if self._grad.requires_grad:
-                    (hv,) = torch.autograd.grad(
-                        self._grad, self._w, block[:, i], retain_graph=True, allow_unused=True, materialize_grads=True
-                    )
-                    out[:, i] = hv
-                else:  # the loss is (at most) linear in the parameters
-                    out[:, i] = 0
-            self.num_hvps += block.shape[1]
+            out = torch.empty(self.dim, b, dtype=self.fn.dtype, device=dev)
+            chunk = self.max_batch
+            lo = 0
+            while lo < b:
+                hi = min(b, lo + chunk)
+                part = block[:, lo:hi].to(device=dev, dtype=self.fn.dtype)
+                if not self._grad.requires_grad:  # the loss is (at most) linear in the parameters
+                    out[:, lo:hi] = 0
+                elif hi - lo > 1 and self._batched:
+                    hv = self._batched_hvp(part)
+                    if hv is None:  # vmap failed for this model: per-vector products from now on
+                        continue
+                    out[:, lo:hi] = hv.T
+                else:
+                    for i in range(hi - lo):
+                        (hv,) = torch.autograd.grad(
+                            self._grad,
+                            self._w,
+                            part[:, i],
+                            retain_graph=True,
+                            allow_unused=True,
+                            materialize_grads=True,
+                        )
+                        out[:, lo + i] = hv
+                lo = hi
+            self.num_hvps += b
             out = _reduce(out, self.reduce_fn)
         if not torch.isfinite(out).all():
             raise NonFiniteProbeError(f"a Hessian-vector product is not finite on {self.where}.")
-        return out.reshape(v.shape)
+        return out.to(v.device).reshape(v.shape)
+
+    def _batched_hvp(self, part: Tensor) -> Tensor | None:
+        """``(H part)^T`` of shape ``(b, N)`` by one batched backward pass; None (and loops from now on) if it fails."""
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_VMAP_WARNING)
+                (hv,) = torch.autograd.grad(
+                    self._grad,
+                    self._w,
+                    part.T.contiguous(),
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                    is_grads_batched=True,
+                )
+            return hv
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+            self._batched = False
+            self.batch_error = f"{type(err).__name__}: {err}"
+            return None
 
     __call__ = matvec
+
+
+def _vmap_allowed(fn: ModelFunction) -> bool:
+    return USE_BATCHED and fn.model not in _VMAP_FAILED
+
+
+def _vmap_failed(fn: ModelFunction, err: BaseException) -> None:
+    _VMAP_FAILED[fn.model] = f"{type(err).__name__}: {err}"
+
+
+def _sample_selector(batch: Any) -> Callable[[Tensor], Any]:
+    """``select(idx)``: the one-sample batch ``idx`` (under ``vmap`` over ``idx``: each sample as a batch of 1)."""
+    size = _batch_size(batch)
+
+    def select(idx: Tensor) -> Any:
+        index = idx.reshape(1)
+        return _map_tensors(
+            batch, lambda t: t.index_select(0, index.to(t.device)) if t.dim() > 0 and t.shape[0] == size else t
+        )
+
+    return select
+
+
+def per_sample_statistics(
+    fn: ModelFunction, batch: Any, U: Tensor, *, max_batch: int | None = None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    r"""Each sample's loss :math:`\ell_j`, projected gradient :math:`U^\top g_j` and Hessian :math:`U^\top H_j U`.
+
+    The ``m`` samples and the ``D`` columns of ``U`` are batched with :mod:`torch.func` (``vmap`` over samples of a
+    reverse-over-reverse product ``vmap``-ped over the columns): ``m · D`` Hessian-vector products without ``m``
+    separate graph builds, in chunks of samples holding at most ``max_batch`` vectors (default
+    ``BATCH_ELEMENTS // N``). Call inside ``torch.inference_mode(False)``.
+
+    Returns:
+        ``(loss (m,), grad (m, D), hess (m, D, D))`` in ``fn.dtype`` on the model's device, or None when batching is
+        not possible here: ``vmap`` fails for the model (remembered, later calls return None at once), ``D`` vectors do
+        not fit in ``max_batch``, or a value is not finite or not a scalar (the caller's per-sample loop then raises
+        the precise error).
+    """
+    n = fn.num_params
+    m = _batch_size(batch)
+    D = U.shape[1]
+    limit = max(1, BATCH_ELEMENTS // n) if max_batch is None else max_batch
+    if m == 0 or D > limit or not _vmap_allowed(fn):
+        return None
+    per_chunk = max(1, limit // D)
+    batch = fn.prepare(batch)
+    select = _sample_selector(batch)
+    UT = U.to(device=fn.device, dtype=fn.dtype).T.contiguous()  # (D, N)
+    w0 = fn.current()
+
+    def one(idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sample = select(idx)
+
+        def loss(w: Tensor) -> Tensor:
+            return fn.loss(w, sample).reshape(())
+
+        g, vjp_fn, value = torch.func.vjp(torch.func.grad_and_value(loss), w0, has_aux=True)
+        (HU,) = torch.func.vmap(vjp_fn)(UT)  # (D, N): rows H_j u_d
+        return value, UT @ g, UT @ HU.T
+
+    losses, grads, hess = [], [], []
+    try:
+        with _probe_mode(fn.model), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_VMAP_WARNING)
+            for lo in range(0, m, per_chunk):
+                idx = torch.arange(lo, min(m, lo + per_chunk), device=fn.device)
+                value, g, h = torch.func.vmap(one, randomness="error")(idx)
+                losses.append(value.detach())
+                grads.append(g.detach())
+                hess.append(h.detach())
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as err:
+        _vmap_failed(fn, err)
+        return None
+    out = torch.cat(losses), torch.cat(grads), torch.cat(hess)
+    if out[0].shape != (m,) or not all(bool(torch.isfinite(t).all()) for t in out):
+        return None
+    return out
+
+
+def perturbed_losses(
+    fn: ModelFunction,
+    w0: Tensor,
+    U: Tensor,
+    z: Tensor,
+    batch: Any,
+    *,
+    per_sample: bool = False,
+    max_batch: int | None = None,
+) -> Tensor | None:
+    r"""Losses at the perturbed points :math:`w_0 + U z_s` (rows ``z_s`` of ``z``), batched over the draws.
+
+    One ``vmap``-ped forward pass per chunk of draws (at most ``max_batch`` perturbed parameter vectors at once,
+    default ``BATCH_ELEMENTS // N``). With ``per_sample``, every sample of ``batch`` is evaluated on its own (as a batch
+    of one, ``vmap``-ped over the samples too) and the result has shape ``(S, m)``; otherwise it is the batch's mean
+    loss, shape ``(S,)``. No gradients are recorded. ``batch`` must already be prepared (:meth:`ModelFunction.prepare`).
+
+    Returns:
+        The losses in ``fn.dtype``, or None when ``vmap`` fails for the model (the caller then loops over draws).
+    """
+    S = z.shape[0]
+    if S == 0 or not _vmap_allowed(fn):
+        return None
+    limit = max(1, BATCH_ELEMENTS // fn.num_params) if max_batch is None else max_batch
+    if limit < 2:
+        return None
+    U = U.to(device=fn.device, dtype=fn.dtype)
+    z = z.to(device=fn.device, dtype=fn.dtype)
+    select = _sample_selector(batch) if per_sample else None
+    m = _batch_size(batch)
+    if per_sample and m == 0:
+        return torch.zeros(S, 0, dtype=fn.dtype, device=fn.device)
+
+    def at(zs: Tensor) -> Tensor:
+        w = w0 + U @ zs
+        if select is None:
+            return fn.loss(w, batch).reshape(())
+        return torch.func.vmap(lambda idx: fn.loss(w, select(idx)).reshape(()), randomness="error")(
+            torch.arange(m, device=fn.device)
+        )
+
+    out = []
+    try:
+        with _probe_mode(fn.model), torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_VMAP_WARNING)
+            for lo in range(0, S, limit):
+                out.append(torch.func.vmap(at, randomness="error")(z[lo : lo + limit]))
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as err:
+        _vmap_failed(fn, err)
+        return None
+    result = torch.cat(out)
+    return result if result.shape == ((S, m) if per_sample else (S,)) else None

@@ -23,6 +23,13 @@ stays exact).
 A pair is converged when :math:`\lVert H y - \theta y\rVert \le \mathrm{tol}\,|\theta_1|`. To guard against returning
 the wrong member of a near-degenerate cluster, ``num_extra`` pairs beyond the requested ones are converged too and not
 reported.
+
+Memory: besides the basis (``max_basis · n`` numbers, on ``basis_device``) the solver holds one chunk of products at a
+time (the whole block when ``n`` is small, one vector when ``n > 2**24``), orthogonalises in place, rotates and restarts
+the basis in place row chunk by row chunk, and at the end builds the ``n · (k + p)`` Ritz vectors (the returned
+``eigenvectors`` are a view of ``basis``). A warm start costs its orthonormalised copy (``n · w``) until it is in the
+basis. Inner products with the basis are summed over row chunks in float64: a single float32 product over millions of
+rows loses ~1e-4 relative accuracy, which at ``tol = 1e-3`` can stall the solver.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from lightning_curvprobe._checks import _check_int, _check_positive_float
 MatVec = Callable[[Tensor], Tensor]
 
 _ROW_CHUNK = 1 << 16
+_BLOCK_ELEMENTS = 1 << 24  # a block step multiplies at most max(1, this // n) vectors at a time (its N x b memory)
 _BLOCK_WARM_FACTOR = 10.0
 
 
@@ -80,10 +88,47 @@ class _Basis:
     def project_out(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Two passes of classical Gram-Schmidt against the basis; returns (remainder, coefficients)."""
         basis = self.V[:, : self.size]
-        coef = basis.T @ x
+        coef = _inner(basis, x)
         x = x - basis @ coef
-        coef2 = basis.T @ x
+        coef2 = _inner(basis, x)
         return x - basis @ coef2, coef + coef2
+
+
+def _inner(A: Tensor, X: Tensor) -> Tensor:
+    """``A.T @ X`` summed over row chunks of ``_ROW_CHUNK`` in float64.
+
+    One float32 matrix-vector product over millions of rows accumulates its rounding errors: measured ~1e-4 relative
+    at n = 1e7 (against ~5e-7 chunked), enough to spoil the Krylov relation at ``tol = 1e-3``. Within one chunk this is
+    the plain product, so small problems get exactly what ``A.T @ X`` gives.
+    """
+    n = A.shape[0]
+    if n <= _ROW_CHUNK:
+        return A.T @ X
+    out = torch.zeros(A.shape[1], X.shape[1], dtype=torch.float64, device=A.device)
+    for r0 in range(0, n, _ROW_CHUNK):
+        out += (A[r0 : r0 + _ROW_CHUNK].T @ X[r0 : r0 + _ROW_CHUNK]).to(torch.float64)
+    return out.to(A.dtype)
+
+
+def _project_out_(basis: Tensor, x: Tensor) -> Tensor:
+    """:meth:`_Basis.project_out` against the columns of ``basis``, in place on ``x`` (no ``N x b`` temporaries)."""
+    coef = _inner(basis, x)
+    x.addmm_(basis, coef, alpha=-1)
+    coef2 = _inner(basis, x)
+    x.addmm_(basis, coef2, alpha=-1)
+    return coef + coef2
+
+
+def _rows_matmul_(V: Tensor, lo: int, hi: int, Z: Tensor) -> None:
+    """``V[:, lo:hi] = V[:, lo:hi] @ Z`` in place, row chunk by row chunk (no ``N x (hi - lo)`` temporary)."""
+    for r0 in range(0, V.shape[0], _ROW_CHUNK):
+        rows = V[r0 : r0 + _ROW_CHUNK]
+        rows[:, lo:hi] = rows[:, lo:hi] @ Z
+
+
+def _block_chunk(n: int) -> int:
+    """Vectors multiplied at once within a block step: a whole block for small ``n``, one at a time for large."""
+    return max(1, _BLOCK_ELEMENTS // n)
 
 
 def top_eigenpairs(
@@ -100,6 +145,7 @@ def top_eigenpairs(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
     r"""The ``k`` algebraically largest eigenpairs of a symmetric operator, from products only.
 
@@ -108,7 +154,7 @@ def top_eigenpairs(
         n: dimension of the operator.
         k: number of eigenpairs returned.
         tol: a pair is converged when ``‖H u - θ u‖ ≤ tol · |θ_1|``.
-        max_basis: most basis vectors held at once (memory is ``max_basis · n`` numbers); default
+        max_basis: most basis vectors held at once (memory is ``max_basis · n`` numbers, see above); default
             ``2 (k + p) + 10`` (more when a warm start is wider), at most ``n``.
         num_extra: guard pairs ``p`` converged beyond ``k`` and not reported; default ``max(2, ⌈k/4⌉)``.
         warm_start: previous eigenvectors, shape ``(n, w)``; they enter the basis as a block.
@@ -116,7 +162,11 @@ def top_eigenpairs(
         max_hvps: stop (``converged=False``) after this many products; default ``max(500, 60 (k + p))``.
         generator: source of the random start vectors (the global RNG is never used); default a generator seeded 0.
         dtype: dtype of the basis.
-        device: device of the basis; default that of ``warm_start`` or CPU.
+        device: device of the operator: ``matvec`` receives its blocks there; default that of ``warm_start`` or CPU.
+        basis_device: device of the Krylov basis (the ``max_basis · n`` numbers), of the small projected matrices and
+            of the returned vectors; default ``device``. With a model on a GPU, ``basis_device="cpu"`` keeps the basis
+            in CPU memory: each product then moves one block (``n · b`` numbers) to ``device`` and its result back, so
+            the GPU holds the model, its gradient graph and one block in and out, never the basis.
 
     Returns:
         An :class:`EigenResult` with eigenvalues in descending order.
@@ -137,7 +187,8 @@ def top_eigenpairs(
     kt = k + p
     if device is None:
         device = warm_start.device if warm_start is not None else torch.device("cpu")
-    device = torch.device(device)
+    op_device = torch.device(device)
+    device = op_device if basis_device is None else torch.device(basis_device)  # from here on: the basis' device
     if warm_start is not None:
         if warm_start.dim() == 1:
             warm_start = warm_start[:, None]
@@ -161,13 +212,22 @@ def top_eigenpairs(
         generator = torch.Generator().manual_seed(0)
 
     small = torch.float64  # projected matrices are tiny: keep them in float64
-    basis = _Basis(n, cap, dtype, device)
+    basis = _Basis(n, 0, dtype, device)  # allocated after the warm-start test (its QR needs memory of its own)
     eps = torch.finfo(dtype).eps
     hvps = 0
     restarts = 0
     nd = 0  # done vectors: basis.V[:, :nd]
     T = torch.zeros(0, 0, dtype=small, device=device)
     C = torch.zeros(0, 0, dtype=small, device=device)  # pending x done
+
+    def apply(x: Tensor) -> Tensor:
+        """``matvec`` of a block of basis vectors, the product on the basis' device.
+
+        The block is copied to the operator's device (never a view of the basis, so the product may be worked on in
+        place).
+        """
+        x = x.to(op_device) if op_device != device else x.clone()
+        return matvec(x).reshape(n, x.shape[1]).to(device=device, dtype=dtype)
 
     def random_block(b: int) -> Tensor:
         x = torch.randn(n, b, generator=generator, dtype=torch.float64, device=generator.device)
@@ -199,16 +259,19 @@ def top_eigenpairs(
         Q, _ = torch.linalg.qr(warm_start.to(device=device, dtype=dtype))
         v0 = Q.sum(dim=1, keepdim=True)
         v0 = v0 / v0.norm()
-        hv0 = matvec(v0.clone()).reshape(n, 1).to(dtype)
+        hv0 = apply(v0)
         hvps += 1
         hv0_norm = float(hv0.norm())
-        rho = float((hv0 - Q @ (Q.T @ hv0)).norm()) / max(hv0_norm, torch.finfo(dtype).tiny)
+        rho = float((hv0 - Q @ _inner(Q, hv0)).norm()) / max(hv0_norm, torch.finfo(dtype).tiny)
         if rho <= _BLOCK_WARM_FACTOR * tol:
             start = Q
         else:
             start = v0
             cached = (v0, hv0)
+        del Q
+    basis = _Basis(n, cap, dtype, device)
     npend = append_pending(start)
+    del start
     if npend == 0:  # degenerate warm start: fall back to a random vector
         npend = append_pending(random_block(1))
     C = torch.zeros(npend, 0, dtype=small, device=device)
@@ -250,24 +313,48 @@ def top_eigenpairs(
             d = E[:, int(unconv[0]) if len(unconv) else 0 : None][:, :1]
             eye = torch.eye(npend, dtype=small, device=device)
             Z, _ = torch.linalg.qr(torch.cat([d / d.norm().clamp_min(torch.finfo(small).tiny), eye], dim=1)[:, :npend])
-            basis.V[:, nd : nd + npend] = basis.V[:, nd : nd + npend] @ Z.to(dtype)
+            _rows_matmul_(basis.V, nd, nd + npend, Z.to(dtype))
             C = Z.T @ C
         if basis.size + b > cap and cap < n and nd > 0:  # with cap == n the remainders always fit
             nd, T, C, restarts = _restart(basis, nd, npend, T, C, theta, S, kt, cap - b, restarts)
-        if cached is not None and b == 1 and nd == 0:
-            W = cached[1] / float(cached[0].norm())  # the start vector's product, paid for by the warm-start test
-            cached = None
-        else:
-            W = matvec(basis.V[:, nd : nd + b].clone()).reshape(n, b).to(dtype)
-            hvps += b
-        if not torch.isfinite(W).all():
-            from lightning_curvprobe.functional.hvp import NonFiniteProbeError
-
-            raise NonFiniteProbeError("the eigensolver met a non-finite Hessian-vector product.")
-        wnorms = W.norm(dim=0)
-        W, coef = basis.project_out(W)
-        coef = coef.to(small)
         nb = basis.size
+        # multiply the b vectors (in chunks when n is large, so that only a chunk of products is held at once) and
+        # project each product against the nb basis vectors, then orthonormalise the remainders among themselves
+        coef = torch.empty(nb, b, dtype=small, device=device)
+        chunk = b if cached is not None else min(b, _block_chunk(n))
+        remainders: list[tuple[Tensor, float]] = []  # (remainder column, norm of the product) per vector
+        Rcoef = torch.zeros(b, b, dtype=small, device=device)
+        r = 0
+        for lo in range(0, b, chunk):
+            hi = min(b, lo + chunk)
+            if cached is not None and b == 1 and nd == 0:
+                W = cached[1] / float(cached[0].norm())  # the start vector's product, paid for by the warm-start test
+                cached = None
+            else:
+                W = apply(basis.V[:, nd + lo : nd + hi])
+                hvps += hi - lo
+            if not torch.isfinite(W).all():
+                from lightning_curvprobe.functional.hvp import NonFiniteProbeError
+
+                raise NonFiniteProbeError("the eigensolver met a non-finite Hessian-vector product.")
+            wnorms = W.norm(dim=0)
+            coef[:, lo:hi] = _project_out_(basis.V[:, :nb], W).to(small)
+            remainders = [(W[:, i : i + 1], float(wnorms[i])) for i in range(hi - lo)]
+            # orthonormalise the remainders (already orthogonal to the basis) among themselves
+            for i, (x, wnorm) in enumerate(remainders, start=lo):
+                for _ in range(2):
+                    if r > 0:
+                        fresh = basis.V[:, nb : nb + r]
+                        c = _inner(fresh, x)
+                        x = x - fresh @ c
+                        Rcoef[:r, i] += c[:, 0].to(small)
+                norm = float(x.norm())
+                if norm > max(100.0, 10.0 * nb) * eps * wnorm and nb + r < cap:
+                    basis.V[:, nb + r] = (x / norm)[:, 0]
+                    Rcoef[r, i] = norm
+                    r += 1
+                # else: breakdown, H q lies in the span of the basis (an invariant subspace)
+            del W, remainders
         # projected matrix over the done vectors plus the b just multiplied
         Tn = torch.zeros(nd + b, nd + b, dtype=small, device=device)
         Tn[:nd, :nd] = T
@@ -276,23 +363,6 @@ def top_eigenpairs(
         Tn[nd:, :nd] = cross.T
         Tn[nd:, nd:] = 0.5 * (coef[nd : nd + b] + coef[nd : nd + b].T)
         rest = torch.cat([C[b:, :], coef[nd + b : nb]], dim=1)  # the other pending vectors' rows
-        # orthonormalise the remainders (already orthogonal to the basis) among themselves
-        Rcoef = torch.zeros(b, b, dtype=small, device=device)
-        r = 0
-        for i in range(b):
-            x = W[:, i : i + 1]
-            for _ in range(2):
-                if r > 0:
-                    fresh = basis.V[:, nb : nb + r]
-                    c = fresh.T @ x
-                    x = x - fresh @ c
-                    Rcoef[:r, i] += c[:, 0].to(small)
-            norm = float(x.norm())
-            if norm > max(100.0, 10.0 * nb) * eps * float(wnorms[i]) and nb + r < cap:
-                basis.V[:, nb + r] = (x / norm)[:, 0]
-                Rcoef[r, i] = norm
-                r += 1
-            # else: breakdown, H q lies in the span of the basis (an invariant subspace)
         basis.size = nb + r
         C = torch.cat([rest, torch.cat([torch.zeros(r, nd, dtype=small, device=device), Rcoef[:r]], dim=1)])
         T = Tn
@@ -301,11 +371,13 @@ def top_eigenpairs(
 
     want = min(kt, nd)
     coeffs = S[:, :want].to(dtype)
-    vectors = basis.V[:, :nd] @ coeffs
+    # the Ritz vectors, stored column by column (each vector contiguous); eigenvectors is a view of the basis
+    vectors = (coeffs.T @ basis.V[:, :nd].T).T
+    basis.V = basis.V.new_empty(0, 0)  # release the basis before returning
     kk = min(k, nd)
     return EigenResult(
         eigenvalues=theta[:kk].to(dtype),
-        eigenvectors=vectors[:, :kk].contiguous(),
+        eigenvectors=vectors[:, :kk],
         residuals=res[:kk].to(dtype),
         hvps=hvps,
         converged=converged and kk == k,
@@ -325,12 +397,11 @@ def _restart(
     keep = max(1, min(nd - 1, room, max(kt, kt + (room - kt) // 2)))
     Sk = S[:, :keep].to(basis.V.dtype)
     V = basis.V
-    pend = V[:, nd : nd + npend].clone()
     for lo in range(0, V.shape[0], _ROW_CHUNK):  # in place, row chunk by row chunk: no N x keep temporary
         rows = V[lo : lo + _ROW_CHUNK]
         rows[:, :keep] = rows[:, :nd] @ Sk
-    V[:, keep : keep + npend] = pend
-    V[:, keep + npend :] = 0
+        rows[:, keep : keep + npend] = rows[:, nd : nd + npend].clone()  # the pending vectors move left
+        rows[:, keep + npend :] = 0
     basis.size = keep + npend
     T = torch.diag(theta[:keep])
     C = C @ S[:, :keep]

@@ -71,26 +71,39 @@ def _collect_statistics(
 
     ``base_loss``/``base_grad`` (this process's mean loss and gradient on ``base_batch``) skip a forward and backward
     pass when the caller already has them. ``direct_z`` (S, D) and ``qe_z`` (Q, D) are the probe draws.
+
+    The added samples' ``m · D`` products and the draws' forward passes are batched with ``torch.func.vmap``
+    (:func:`~lightning_curvprobe.functional.hvp.per_sample_statistics`,
+    :func:`~lightning_curvprobe.functional.hvp.perturbed_losses`); where that is not possible (a model ``vmap`` cannot
+    trace, ``N`` too large for a batch, a non-finite value) the per-sample and per-draw loops below give the same
+    numbers (to rounding) and the precise errors.
     """
+    from lightning_curvprobe.functional.hvp import per_sample_statistics, perturbed_losses
+
     with torch.inference_mode(False):  # tensors written inside the probe must not be inference tensors
-        U = eigenvectors.to(fn.dtype)
+        dev, dt = fn.device, fn.dtype
+        U = eigenvectors.to(device=dev, dtype=dt)  # the basis may be kept on another device (basis_device)
         D = U.shape[1]
         k = _batch_size(base_batch, "base_batch")
         m = _batch_size(added_batch, "added_batch")
-        dev, dt = fn.device, fn.dtype
         if base_loss is None or base_grad is None:
             op = HessianOperator(fn, base_batch, where="the base samples")
             base_loss, base_grad = op.loss, op.gradient
-        added_loss = torch.empty(m, dtype=dt, device=dev)
-        added_grad = torch.empty(m, D, dtype=dt, device=dev)
-        added_hess = torch.empty(m, D, D, dtype=dt, device=dev)
         hvps = 0
-        for j in range(m):
-            op_j = HessianOperator(fn, _slice_batch(added_batch, j, j + 1), where=f"added sample {j}")
-            added_loss[j] = op_j.loss
-            added_grad[j] = U.T @ op_j.gradient
-            added_hess[j] = U.T @ op_j.matvec(U)
-            hvps += op_j.num_hvps
+        batched = per_sample_statistics(fn, added_batch, U) if m else None
+        if batched is not None:
+            added_loss, added_grad, added_hess = batched
+            hvps = m * D
+        else:
+            added_loss = torch.empty(m, dtype=dt, device=dev)
+            added_grad = torch.empty(m, D, dtype=dt, device=dev)
+            added_hess = torch.empty(m, D, D, dtype=dt, device=dev)
+            for j in range(m):
+                op_j = HessianOperator(fn, _slice_batch(added_batch, j, j + 1), where=f"added sample {j}")
+                added_loss[j] = op_j.loss
+                added_grad[j] = U.T @ op_j.gradient
+                added_hess[j] = U.T @ op_j.matvec(U)
+                hvps += op_j.num_hvps
         S = 0 if direct_z is None else direct_z.shape[0]
         Q = 0 if qe_z is None else qe_z.shape[0]
         base_draw = torch.empty(S, dtype=dt, device=dev)
@@ -100,30 +113,44 @@ def _collect_statistics(
         if S or Q:
             w0 = fn.current()
             base = fn.prepare(base_batch)
-            added = [fn.prepare(_slice_batch(added_batch, j, j + 1)) for j in range(m)] if S else []
-            with _probe_mode(fn.model), torch.no_grad():
-                for s in range(S):
-                    w = w0 + U @ direct_z[s].to(dt)  # type: ignore[index]
-                    base_draw[s] = fn.loss(w, base) * k
-                    for j in range(m):
-                        added_draw[j, s] = fn.loss(w, added[j])
-                    forward += 1 + m
-                for q in range(Q):
-                    qe_draw[q] = fn.loss(w0 + U @ qe_z[q].to(dt), base)  # type: ignore[index]
-                    forward += 1
+            if S:
+                added_all = fn.prepare(added_batch)
+                draws = perturbed_losses(fn, w0, U, direct_z, base)  # type: ignore[arg-type]
+                added_draws = perturbed_losses(fn, w0, U, direct_z, added_all, per_sample=True)  # type: ignore[arg-type]
+                if draws is not None and added_draws is not None:
+                    base_draw = draws * k
+                    added_draw = added_draws.T.contiguous()
+                else:
+                    added = [_slice_batch(added_all, j, j + 1) for j in range(m)]
+                    with _probe_mode(fn.model), torch.no_grad():
+                        for s in range(S):
+                            w = w0 + U @ direct_z[s].to(dt)  # type: ignore[index]
+                            base_draw[s] = fn.loss(w, base) * k
+                            for j in range(m):
+                                added_draw[j, s] = fn.loss(w, added[j])
+                forward += S * (1 + m)
+            if Q:
+                draws = perturbed_losses(fn, w0, U, qe_z, base)  # type: ignore[arg-type]
+                if draws is not None:
+                    qe_draw = draws
+                else:
+                    with _probe_mode(fn.model), torch.no_grad():
+                        for q in range(Q):
+                            qe_draw[q] = fn.loss(w0 + U @ qe_z[q].to(dt), base)  # type: ignore[index]
+                forward += Q
         base_grad = base_grad.to(dt)
         return _Statistics(
             base_loss_sum=base_loss.reshape(()) * k,
             base_count=torch.tensor(float(k), dtype=dt, device=dev),
             base_grad_sum=(U.T @ base_grad) * k,
-            base_hess_sum=torch.diag(eigenvalues.to(dt)) * k,
+            base_hess_sum=torch.diag(eigenvalues.to(device=dev, dtype=dt)) * k,
             added_loss=added_loss,
             added_grad=added_grad,
             added_hess=added_hess,
             base_draw_loss_sum=base_draw,
             added_draw_loss=added_draw,
             qe_change_sum=(qe_draw - base_loss.reshape(())) * k,
-            qe_model_sum=_second_order_model(qe_z, U.T @ base_grad, eigenvalues.to(dt)) * k,
+            qe_model_sum=_second_order_model(qe_z, U.T @ base_grad, eigenvalues.to(device=dev, dtype=dt)) * k,
             hvps=hvps,
             forward_passes=forward,
         )

@@ -1,0 +1,291 @@
+"""What leaving the callback on costs: fit wall time with and without ``CurvatureStabilityCallback``, side by side.
+
+For the quickstart (``examples/quickstart.py``: MLP with BatchNorm/Dropout, 1638 training samples, batch 64) and a
+small decoder-only transformer (``_models.GPT_SIZES["small"]``, ~106k parameters, synthetic Markov-chain tokens), it
+runs ``Trainer.fit`` with the same seed without the callback and with it, interleaved, ``--repeats`` times in this one
+process, and prints the median ratio of fit wall times and a breakdown of the callback's own time:
+
+- ``base graph``: the base set's loss, gradient and gradient graph (``HessianOperator``), once per probe;
+- ``eigensolve``: ``top_eigenpairs`` (warm-started Lanczos), on refresh epochs;
+- ``coefficients``: ``CurvatureStability.update`` — the added samples' loss, projected gradient and projected
+  Hessian (``m · D`` products) and the Monte Carlo forward passes;
+- ``estimator``: ``CurvatureStability.compute``;
+- ``logging``: ``CurvatureStabilityCallback._log``;
+- ``other``: the rest of ``on_validation_epoch_end`` (and the one-off probe-data preparation).
+
+Configurations (the first is the headline; each ratio is against the baseline fit of the same repeat):
+
+- quickstart: the quickstart's own callback (D = 10, k = 64, m = 8, σ = 1e-2, refresh every validation epoch);
+  the same with the per-vector/per-sample loops of the previous version (``hvp.USE_BATCHED = False``, "before");
+  callback defaults (m = 1); cheaper settings that a user can pick (``refresh_every_n_epochs``,
+  ``quadratic_error_samples=0``, ``num_added_samples=1``) and probing less often with the Trainer's
+  ``check_val_every_n_epoch`` (that variant has its own baseline with the same Trainer setting);
+- transformer: callback defaults (D = 10, k = 64, m = 1, refresh every validation epoch), before and after.
+
+A script, not a test::
+
+    PYTHONPATH=. python tests/benchmarks/overhead.py             # ~5 minutes on 2 shared CPU cores
+    PYTHONPATH=. python tests/benchmarks/overhead.py --quick     # smoke run, a few seconds
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import lightning as L  # noqa: E402, N812
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _models  # noqa: E402
+
+import lightning_curvprobe.callback as cbm  # noqa: E402
+import lightning_curvprobe.functional.hvp as hvp  # noqa: E402
+from lightning_curvprobe import CurvatureStability, CurvatureStabilityCallback  # noqa: E402
+
+PARTS = ("base graph", "eigensolve", "coefficients", "estimator", "logging")
+
+
+class Timers:
+    """Accumulated wall time of the callback's parts, installed once by wrapping functions (µs of overhead)."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = collections.defaultdict(float)
+        self.n: collections.Counter[str] = collections.Counter()
+        self.hvps = 0
+
+    def reset(self) -> None:
+        self.t.clear()
+        self.n.clear()
+        self.hvps = 0
+
+    def wrap(self, owner: Any, name: str, label: str, on_result: Callable[[Any], None] | None = None) -> None:
+        if not hasattr(owner, name):
+            print(f"  (breakdown: {owner.__name__}.{name} not found, '{label}' not measured)")
+            return
+        fn = getattr(owner, name)
+        timers = self
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            timers.t[label] += time.perf_counter() - t0
+            timers.n[label] += 1
+            if on_result is not None:
+                on_result(out)
+            return out
+
+        setattr(owner, name, wrapped)
+
+
+TIMERS = Timers()
+
+
+def install_timers() -> None:
+    def count(eig: Any) -> None:
+        TIMERS.hvps += int(getattr(eig, "hvps", 0))
+
+    TIMERS.wrap(cbm, "HessianOperator", "base graph")
+    TIMERS.wrap(cbm, "top_eigenpairs", "eigensolve", count)
+    TIMERS.wrap(CurvatureStability, "update", "coefficients")
+    TIMERS.wrap(CurvatureStability, "compute", "estimator")
+    TIMERS.wrap(CurvatureStabilityCallback, "_log", "logging")
+    TIMERS.wrap(CurvatureStabilityCallback, "on_validation_epoch_end", "total")
+    TIMERS.wrap(CurvatureStabilityCallback, "on_train_start", "setup")
+
+
+# ----------------------------------------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class Task:
+    name: str
+    make_module: Callable[[], L.LightningModule]
+    make_loaders: Callable[[], tuple[DataLoader, DataLoader]]
+    epochs: int
+
+
+def quickstart_task(epochs: int) -> Task:
+    qs = _models.quickstart_module()
+
+    def loaders() -> tuple[DataLoader, DataLoader]:
+        train, val = qs.make_data()
+        return DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=256)
+
+    return Task("quickstart", qs.Regressor, loaders, epochs)
+
+
+def transformer_task(epochs: int, num_train: int) -> Task:
+    vocab = _models.GPT_SIZES["small"][0]
+    context = _models.GPT_SIZES["small"][5]
+    tokens = _models.markov_tokens(num_train + 512, context + 1, vocab)
+
+    def loaders() -> tuple[DataLoader, DataLoader]:
+        train, val = TensorDataset(tokens[:num_train]), TensorDataset(tokens[num_train:])
+        return DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=256)
+
+    name = f"transformer (GPT small, {num_train // 32} steps/epoch)"
+    return Task(name, lambda: _models.gpt_lightning_module("small"), loaders, epochs)
+
+
+@dataclass
+class Config:
+    label: str
+    callback: dict[str, Any] | None  # None: the baseline fit
+    trainer: dict[str, Any] = field(default_factory=dict)
+    batched: bool = True
+    breakdown: bool = False
+
+
+def fit(task: Task, cfg: Config) -> tuple[float, CurvatureStabilityCallback | None, int]:
+    """Seconds of ``trainer.fit`` (same seed every time), the callback and the number of optimizer steps."""
+    hvp.USE_BATCHED = cfg.batched
+    hvp._VMAP_FAILED.clear()
+    L.seed_everything(0, verbose=False)
+    train, val = task.make_loaders()
+    cb = CurvatureStabilityCallback(**cfg.callback) if cfg.callback is not None else None
+    trainer = L.Trainer(
+        max_epochs=task.epochs,
+        callbacks=[cb] if cb is not None else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        **cfg.trainer,
+    )
+    module = task.make_module()
+    t0 = time.perf_counter()
+    trainer.fit(module, train, val)
+    elapsed = time.perf_counter() - t0
+    hvp.USE_BATCHED = True
+    return elapsed, cb, trainer.global_step
+
+
+def run_task(task: Task, configs: list[Config], repeats: int) -> list[str]:
+    """Interleaved fits; returns the table rows."""
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    parts: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    info: dict[str, str] = {}
+    baseline_of = {c.label: _baseline_label(c) for c in configs}
+    baselines = {baseline_of[c.label]: Config(baseline_of[c.label], None, c.trainer) for c in configs}
+    print(f"\n== {task.name}: {task.epochs} epochs, {repeats} repeats (interleaved)")
+    for r in range(repeats):
+        for base in baselines.values():
+            t, _, steps = fit(task, base)
+            times[base.label].append(t)
+            info[base.label] = f"{steps} steps"
+            print(f"  repeat {r}: {base.label:55s} {t:7.2f} s")
+        for cfg in configs:
+            TIMERS.reset()
+            t, cb, steps = fit(task, cfg)
+            times[cfg.label].append(t)
+            assert cb is not None
+            probes = len(cb.history)
+            total = TIMERS.t.get("total", 0.0) + TIMERS.t.get("setup", 0.0)
+            for p in PARTS:
+                parts[cfg.label][p].append(TIMERS.t.get(p, 0.0))
+            parts[cfg.label]["other"].append(total - sum(TIMERS.t.get(p, 0.0) for p in PARTS))
+            parts[cfg.label]["callback total"].append(total)
+            hvps = [int(h.get("hvps", 0)) for h in cb.history]
+            info[cfg.label] = f"{probes} probes, HVPs/refresh {hvps}"
+            ratio = t / times[baseline_of[cfg.label]][-1]
+            print(f"  repeat {r}: {cfg.label:55s} {t:7.2f} s  ratio {ratio:.3f}  callback {total:.2f} s")
+    rows = []
+    for cfg in configs:
+        base = baseline_of[cfg.label]
+        ratios = [a / b for a, b in zip(times[cfg.label], times[base], strict=True)]
+        med = {p: statistics.median(v) for p, v in parts[cfg.label].items()}
+        probes = int(info[cfg.label].split()[0])
+        breakdown = ", ".join(f"{p} {1e3 * med[p] / max(probes, 1):.1f}" for p in (*PARTS, "other"))
+        rows.append(
+            f"| {task.name} | {cfg.label} | {statistics.median(times[base]):.2f} | "
+            f"{statistics.median(times[cfg.label]):.2f} | **{statistics.median(ratios):.3f}** "
+            f"({min(ratios):.3f}–{max(ratios):.3f}) | {1e3 * med['callback total'] / max(probes, 1):.1f} | "
+            f"{breakdown} | {info[cfg.label]}; baseline {info[base]} |"
+        )
+    return rows
+
+
+def _baseline_label(cfg: Config) -> str:
+    extra = ", ".join(f"{k}={v}" for k, v in cfg.trainer.items())
+    return "baseline (no callback" + (f", {extra})" if extra else ")")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 2 epochs, few configurations (smoke test)")
+    parser.add_argument("--repeats", type=int, default=None, help="fits per configuration (default 3, quick 1)")
+    parser.add_argument("--epochs", type=int, default=None, help="quickstart epochs (default 20, quick 2)")
+    parser.add_argument("--gpt-epochs", type=int, default=None, help="transformer epochs (default 3, quick 1)")
+    parser.add_argument("--gpt-train", type=int, default=None, help="transformer training sequences (default 8192)")
+    parser.add_argument("--tasks", default="quickstart,transformer")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    install_timers()
+    t_start = time.perf_counter()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}")
+
+    qs_cb = dict(num_eigenvectors=10, sigma=1e-2, num_probe_samples=64, num_added_samples=8)
+    rows: list[str] = []
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    if "quickstart" in tasks:
+        epochs = args.epochs or (2 if args.quick else 20)
+        configs = [
+            Config("quickstart callback (D=10, k=64, m=8)", qs_cb, breakdown=True),
+            Config("  same, before (per-vector/per-sample loops)", qs_cb, batched=False),
+        ]
+        if not args.quick:
+            configs += [
+                Config("callback defaults (m=1, σ=1e-3)", {}),
+                Config("quickstart cb, refresh_every_n_epochs=5", {**qs_cb, "refresh_every_n_epochs": 5}),
+                Config(
+                    "m=1, quadratic_error_samples=0, refresh_every_n_epochs=5",
+                    {**qs_cb, "num_added_samples": 1, "quadratic_error_samples": 0, "refresh_every_n_epochs": 5},
+                ),
+                Config("quickstart cb, Trainer(check_val_every_n_epoch=5)", qs_cb, {"check_val_every_n_epoch": 5}),
+                Config("quickstart cb, Trainer(check_val_every_n_epoch=10)", qs_cb, {"check_val_every_n_epoch": 10}),
+            ]
+        rows += run_task(quickstart_task(epochs), configs, repeats)
+    if "transformer" in tasks:
+        epochs = args.gpt_epochs or 1 if args.quick else (args.gpt_epochs or 3)
+        num_train = args.gpt_train or (256 if args.quick else 8192)
+        gpt_cb = {"num_probe_samples": 16} if args.quick else {}
+        configs = [
+            Config("callback defaults (D=10, k=64, m=1)" if not args.quick else "callback (k=16)", gpt_cb),
+            Config("  same, before (per-vector/per-sample loops)", gpt_cb, batched=False),
+        ]
+        rows += run_task(transformer_task(epochs, num_train), configs, repeats)
+
+    print("\nBreakdown: median callback milliseconds per probe (validation epoch).")
+    print(
+        "\n| task | configuration | fit without (s) | fit with (s) | ratio, median (range) | callback ms/probe | "
+        "breakdown ms/probe | notes |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(row)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; command: PYTHONPATH=. python {' '.join(sys.argv)}")
+
+
+if __name__ == "__main__":
+    main()

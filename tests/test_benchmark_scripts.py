@@ -1,0 +1,218 @@
+"""Smoke tests of the benchmark scripts in tests/benchmarks/ (their --quick / --tiny modes, a few seconds each) and of
+the package features they measure: batched Hessian-vector products, batched per-sample statistics and Monte Carlo
+forward passes (with their per-vector / per-sample fallbacks), and ``top_eigenpairs(basis_device=...)``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import DT, gen, mlp, mse_loss, regression_data
+
+import lightning_curvprobe.functional.hvp as hvp
+from lightning_curvprobe.functional import HessianOperator, ModelFunction, top_eigenpairs
+from lightning_curvprobe.functional._batch import _slice_batch
+from lightning_curvprobe.functional.probe import _collect_statistics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "tests", "benchmarks")
+SCRIPTS = {
+    "gpu_paper_scale": ["gpu_paper_scale.py", "--tiny"],
+    "overhead": ["overhead.py", "--quick"],
+    "hvp_throughput": ["hvp_throughput.py", "--quick"],
+    "memory": ["memory.py", "--quick"],
+}
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def script_runs():
+    """Start every script at once (they are short and mostly import time), then collect (rc, output, seconds)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    env.pop("OUT", None)
+    procs = {}
+    for name, (script, *args) in SCRIPTS.items():
+        procs[name] = (
+            subprocess.Popen(
+                [sys.executable, os.path.join(BENCH, script), *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+            time.perf_counter(),
+        )
+    out = {}
+    for name, (proc, t0) in procs.items():
+        try:
+            text, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            text, _ = proc.communicate()
+            text += f"\n[killed after {TIMEOUT_S} s]"
+        out[name] = (proc.returncode, text, time.perf_counter() - t0)
+    return out
+
+
+def _check(script_runs, name: str, *expected: str) -> str:
+    rc, text, _ = script_runs[name]
+    assert rc == 0, f"{name} exited with {rc}:\n{text[-4000:]}"
+    for e in expected:
+        assert e in text, f"{name}: {e!r} not in output:\n{text[-4000:]}"
+    return text
+
+
+def test_gpu_paper_scale_tiny_runs_on_cpu(script_runs):
+    text = _check(script_runs, "gpu_paper_scale", "Lanczos cold", "power iteration", "Lanczos warm", "Stage II",
+                  "gaussian_moment", "quadratic_mc", "direct_mc", "goal (Lanczos cold")
+    assert "device cpu" in text
+
+
+def test_overhead_quick(script_runs):
+    _check(script_runs, "overhead", "| quickstart |", "| transformer", "eigensolve", "coefficients", "logging")
+
+
+def test_hvp_throughput_quick(script_runs):
+    _check(script_runs, "hvp_throughput", "HVPs/s", "fwd/s", "added samples", "direct MC", "warm Rayleigh-Ritz")
+
+
+def test_memory_quick(script_runs):
+    _check(script_runs, "memory", "| refresh cold |", "excess / (N·4 B)", "save_subspace=False")
+
+
+# ------------------------------------------------------------------------------------------ batched products
+
+
+@pytest.fixture
+def small():
+    model = mlp("tanh", din=5, hidden=16, dout=3, seed=0)
+    x, y = regression_data(15, din=5, dout=3, seed=1)
+    return model, (x[:10], y[:10]), (x[10:], y[10:])
+
+
+def test_block_matvec_batched_equals_per_vector(small):
+    model, base, _ = small
+    fn = ModelFunction(model, mse_loss)
+    batched, loop = HessianOperator(fn, base), HessianOperator(fn, base, max_batch=1)
+    assert batched.max_batch > 1
+    V = torch.randn(fn.num_params, 7, generator=gen(0), dtype=DT)
+    HV = batched.matvec(V)
+    torch.testing.assert_close(HV, loop.matvec(V), rtol=1e-13, atol=1e-13)
+    assert batched.num_hvps == loop.num_hvps == 7 and batched.batch_error is None
+    chunked = HessianOperator(fn, base, max_batch=3)  # 3 + 3 + 1
+    torch.testing.assert_close(chunked.matvec(V), HV, rtol=1e-13, atol=1e-13)
+
+
+def test_block_matvec_falls_back_when_batched_backward_fails(small, monkeypatch):
+    model, base, _ = small
+    fn = ModelFunction(model, mse_loss)
+    op = HessianOperator(fn, base)
+    ref = HessianOperator(fn, base, max_batch=1).matvec(torch.eye(fn.num_params, 4, dtype=DT))
+    grad = torch.autograd.grad
+
+    def no_batched(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("no batching rule for this model")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batched)
+    torch.testing.assert_close(op.matvec(torch.eye(fn.num_params, 4, dtype=DT)), ref, rtol=1e-13, atol=1e-13)
+    assert "no batching rule" in op.batch_error and op.num_hvps == 4
+
+
+def _stats(fn, base, added, U, direct=True):
+    g = gen(3)
+    z = 0.1 * torch.randn(5, U.shape[1], generator=g, dtype=DT)
+    qz = 0.1 * torch.randn(4, U.shape[1], generator=g, dtype=DT)
+    return _collect_statistics(fn, base, added, U, torch.tensor([3.0, 2.0], dtype=DT),
+                               direct_z=z if direct else None, qe_z=qz)
+
+
+_FIELDS = ("added_loss", "added_grad", "added_hess", "base_draw_loss_sum", "added_draw_loss", "qe_change_sum")
+
+
+def test_statistics_batched_equal_loops(small, monkeypatch):
+    model, base, added = small
+    fn = ModelFunction(model, mse_loss)
+    U = torch.linalg.qr(torch.randn(fn.num_params, 2, generator=gen(2), dtype=DT))[0]
+    batched = _stats(fn, base, added, U)
+    assert model not in hvp._VMAP_FAILED
+    monkeypatch.setattr(hvp, "USE_BATCHED", False)
+    loop = _stats(fn, base, added, U)
+    for f in _FIELDS:
+        torch.testing.assert_close(getattr(batched, f), getattr(loop, f), rtol=1e-12, atol=1e-14)
+    assert batched.hvps == loop.hvps == 5 * 2 and batched.forward_passes == loop.forward_passes == 5 * 6 + 4
+
+
+class _Branchy(torch.nn.Module):
+    """Data-dependent control flow: ``vmap`` cannot trace it, the per-sample loops must take over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        h = self.lin(x)
+        return torch.tanh(h) if float(h.detach().sum()) > 0 else h * h
+
+
+def test_statistics_fall_back_for_untraceable_model(small, monkeypatch):
+    _, base, added = small
+    model = _Branchy()
+    fn = ModelFunction(model, mse_loss)
+    U = torch.linalg.qr(torch.randn(fn.num_params, 2, generator=gen(2), dtype=DT))[0]
+    out = _stats(fn, base, added, U)
+    assert model in hvp._VMAP_FAILED
+    monkeypatch.setattr(hvp, "USE_BATCHED", False)
+    ref = _stats(fn, base, added, U)
+    for f in _FIELDS:
+        torch.testing.assert_close(getattr(out, f), getattr(ref, f), rtol=1e-12, atol=1e-14)
+    # and each added sample's loss still matches its own one-sample batch
+    for j in range(5):
+        torch.testing.assert_close(out.added_loss[j], mse_loss(model, _slice_batch(added, j, j + 1)).detach())
+
+
+def test_basis_device_same_results_and_blocks_on_operator_device(small):
+    model, base, _ = small
+    fn = ModelFunction(model, mse_loss)
+    op = HessianOperator(fn, base)
+    devices = []
+
+    def matvec(v):
+        devices.append(v.device)
+        return op.matvec(v)
+
+    a = top_eigenpairs(op.matvec, fn.num_params, 3, tol=1e-8, dtype=DT)
+    b = top_eigenpairs(matvec, fn.num_params, 3, tol=1e-8, dtype=DT, device="cpu", basis_device="cpu")
+    torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=0, atol=0)
+    assert all(d.type == "cpu" for d in devices) and b.basis.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_basis_in_cpu_memory_with_model_on_gpu(small):
+    model, base, _ = small
+    model = model.cuda()
+    base = tuple(t.cuda() for t in base)
+    fn = ModelFunction(model, mse_loss)
+    op = HessianOperator(fn, base)
+    seen = []
+
+    def matvec(v):
+        seen.append(v.device.type)
+        return op.matvec(v)
+
+    res = top_eigenpairs(matvec, fn.num_params, 3, tol=1e-8, dtype=DT, device="cuda", basis_device="cpu")
+    ref = top_eigenpairs(op.matvec, fn.num_params, 3, tol=1e-8, dtype=DT, device="cuda")
+    assert set(seen) == {"cuda"} and res.basis.device.type == "cpu" and ref.basis.device.type == "cuda"
+    torch.testing.assert_close(res.eigenvalues, ref.eigenvalues.cpu(), rtol=1e-10, atol=1e-12)
+    # the operator also accepts blocks on another device and answers there
+    v = torch.randn(fn.num_params, 2, dtype=DT)
+    torch.testing.assert_close(op.matvec(v), op.matvec(v.cuda()).cpu(), rtol=1e-12, atol=1e-14)
