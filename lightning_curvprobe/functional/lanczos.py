@@ -27,9 +27,9 @@ reported.
 Memory: besides the basis (``max_basis · n`` numbers, on ``basis_device``) the solver holds one chunk of products at a
 time (the whole block when ``n`` is small, one vector when ``n > 2**24``), orthogonalises in place, rotates and restarts
 the basis in place row chunk by row chunk, and at the end builds the ``n · (k + p)`` Ritz vectors (the returned
-``eigenvectors`` are a view of ``basis``). A warm start costs its orthonormalised copy (``n · w``) until it is in the
-basis. Inner products with the basis are summed over row chunks in float64: a single float32 product over millions of
-rows loses ~1e-4 relative accuracy, which at ``tol = 1e-3`` can stall the solver.
+``eigenvectors`` are a view of ``basis``). A warm start costs its orthonormalised copy (``n · w``, on the warm start's
+own device) until it is in the basis. Inner products with the basis are summed over row chunks in float64: a single
+float32 product over millions of rows loses ~1e-4 relative accuracy, which at ``tol = 1e-3`` can stall the solver.
 """
 
 from __future__ import annotations
@@ -157,7 +157,9 @@ def top_eigenpairs(
         max_basis: most basis vectors held at once (memory is ``max_basis · n`` numbers, see above); default
             ``2 (k + p) + 10`` (more when a warm start is wider), at most ``n``.
         num_extra: guard pairs ``p`` converged beyond ``k`` and not reported; default ``max(2, ⌈k/4⌉)``.
-        warm_start: previous eigenvectors, shape ``(n, w)``; they enter the basis as a block.
+        warm_start: previous eigenvectors, shape ``(n, w)``; they enter the basis as a block. They may live on another
+            device than the basis (e.g. in CPU memory while the basis is on the GPU): they are orthonormalised there
+            and moved one column at a time.
         block_size: random start vectors of a cold start.
         max_hvps: stop (``converged=False``) after this many products; default ``max(500, 60 (k + p))``.
         generator: source of the random start vectors (the global RNG is never used); default a generator seeded 0.
@@ -226,7 +228,7 @@ def top_eigenpairs(
         The block is copied to the operator's device (never a view of the basis, so the product may be worked on in
         place).
         """
-        x = x.to(op_device) if op_device != device else x.clone()
+        x = x.to(device=op_device, copy=True)
         return matvec(x).reshape(n, x.shape[1]).to(device=device, dtype=dtype)
 
     def random_block(b: int) -> Tensor:
@@ -237,7 +239,7 @@ def top_eigenpairs(
         """Orthonormalise columns against the basis and append them as pending; returns how many were kept."""
         added = 0
         for i in range(block.shape[1]):
-            x = block[:, i : i + 1]
+            x = block[:, i : i + 1].to(device)  # a warm start may live elsewhere: one column at a time
             norm0 = float(x.norm())
             x, _ = basis.project_out(x)
             norm = float(x.norm())
@@ -256,13 +258,16 @@ def top_eigenpairs(
         # H v0 still lies in their span (rho <= factor * tol), the subspace barely moved: put the whole block in the
         # basis (Rayleigh-Ritz, then Krylov vectors as the residuals demand). Otherwise run Lanczos from v0, whose
         # first product is this one: a moved subspace then costs about what a cold solve does, never a block more.
-        Q, _ = torch.linalg.qr(warm_start.to(device=device, dtype=dtype))
+        # (on the warm start's own device: a previous basis kept in CPU memory is never copied whole to the GPU)
+        Q, _ = torch.linalg.qr(warm_start.to(dtype=dtype))
         v0 = Q.sum(dim=1, keepdim=True)
         v0 = v0 / v0.norm()
         hv0 = apply(v0)
         hvps += 1
         hv0_norm = float(hv0.norm())
-        rho = float((hv0 - Q @ _inner(Q, hv0)).norm()) / max(hv0_norm, torch.finfo(dtype).tiny)
+        hq = hv0.to(Q.device)
+        rho = float((hq - Q @ _inner(Q, hq)).norm()) / max(hv0_norm, torch.finfo(dtype).tiny)
+        del hq
         if rho <= _BLOCK_WARM_FACTOR * tol:
             start = Q
         else:

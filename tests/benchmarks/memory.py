@@ -22,6 +22,8 @@ A script, not a test::
 
     PYTHONPATH=. python tests/benchmarks/memory.py            # ~10M parameters, ~3 minutes on 2 shared CPU cores
     PYTHONPATH=. python tests/benchmarks/memory.py --quick    # ~20k parameters, a few seconds
+    git show a858773:lightning_curvprobe/functional/lanczos.py > /tmp/lanczos_before.py
+    PYTHONPATH=. python tests/benchmarks/memory.py --compare-solver /tmp/lanczos_before.py   # before and after
 """
 
 from __future__ import annotations
@@ -81,6 +83,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         out["peak_mib"] = _models.peak_rss_mib()
         return out
 
+    if args.solver:  # another version of lanczos.py (e.g. from git history), for a side-by-side comparison
+        import importlib.util  # noqa: PLC0415
+
+        spec = importlib.util.spec_from_file_location("lanczos_compared", args.solver)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["lanczos_compared"] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        top_eigenpairs = module.top_eigenpairs  # noqa: F811
     warm = None
     if args.warm:
         warm = torch.load(args.warm)
@@ -175,6 +185,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="fresh processes per measurement (median)")
     parser.add_argument("--warm-noise", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare-solver", default=None, help="path of another lanczos.py (e.g. `git show "
+                        "REV:lightning_curvprobe/functional/lanczos.py > old.py`): its refreshes are measured too")
+    parser.add_argument("--solver", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warm", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--save", default=None, help=argparse.SUPPRESS)
@@ -201,6 +214,16 @@ def main() -> None:
                 results["refresh warm"].append(
                     run_child(args, "refresh", ["--warm", basis_path, "--warm-noise", str(args.warm_noise)])
                 )
+            if args.compare_solver:
+                extra = ["--solver", os.path.abspath(args.compare_solver)]
+                path = os.path.join(tmp, "basis_compared.pt")
+                results.setdefault("compared: refresh cold", []).append(
+                    run_child(args, "refresh", [*extra, "--save", path] if r == 0 else extra)
+                )
+                if not args.quick:
+                    results.setdefault("compared: refresh warm", []).append(
+                        run_child(args, "refresh", [*extra, "--warm", path, "--warm-noise", str(args.warm_noise)])
+                    )
         results = {k: v for k, v in results.items() if v}
     med = {k: {f: statistics.median(x[f] for x in v) for f in ("peak_mib", "seconds")} for k, v in results.items()}
     n = results["footprint"][0]["N"]
