@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ def _probe_mode(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
-def _default_dtype(params: list[Tensor]) -> torch.dtype:
+def _default_dtype(params: Sequence[Tensor]) -> torch.dtype:
     """float64 when every trainable parameter is float64, float32 otherwise (bf16/fp16 models are probed in fp32)."""
     return torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
 
@@ -373,7 +373,7 @@ def per_sample_statistics(
         def loss(w: Tensor) -> Tensor:
             return fn.loss(w, sample).reshape(())
 
-        g, vjp_fn, value = torch.func.vjp(torch.func.grad_and_value(loss), w0, has_aux=True)
+        g, vjp_fn, value = torch.func.vjp(torch.func.grad_and_value(loss), w0, has_aux=True)  # type: ignore[misc]
         (HU,) = torch.func.vmap(vjp_fn)(UT)  # (D, N): rows H_j u_d
         return value, UT @ g, UT @ HU.T
 
