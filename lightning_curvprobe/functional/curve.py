@@ -36,7 +36,7 @@ from lightning_curvprobe.functional.estimators import (
 )
 from lightning_curvprobe.functional.hvp import HessianOperator, LossFn, ModelFunction, _check_loss, _probe_mode
 from lightning_curvprobe.functional.lanczos import top_eigenpairs
-from lightning_curvprobe.functional.probe import _check_common, _collect_statistics, _evaluate
+from lightning_curvprobe.functional.probe import _check_common, _criterion_in_subspace
 
 # ----------------------------------------------------------------------------------------------- power-law fit
 
@@ -276,26 +276,16 @@ def stability_curve(
         if draw_seed is None:  # drawn after the first solve, which thus starts as probe_stability's would
             draw_seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
         draw_gen = torch.Generator(device=gen.device).manual_seed(draw_seed)
-        direct_z = (
-            _gaussian_draws(num_samples, D, sigma, draw_gen, eig.eigenvectors) if estimator == "direct_mc" else None
-        )
-        qe_z = _gaussian_draws(quadratic_error_samples, D, sigma, draw_gen, eig.eigenvectors)
-        stats = _collect_statistics(
+        out, stats = _criterion_in_subspace(
             fn,
+            op,
             base_k,
             added_batch,
-            eig.eigenvectors,
-            eig.eigenvalues,
-            base_loss=op.loss,
-            base_grad=op.gradient,
-            direct_z=direct_z,
-            qe_z=qe_z,
-        )
-        out = _evaluate(
-            stats,
+            eig,
             sigma=sigma,
             estimator=estimator,
             num_samples=num_samples,
+            quadratic_error_samples=quadratic_error_samples,
             generator=draw_gen,
         )
         delta2.append(out["delta2"])

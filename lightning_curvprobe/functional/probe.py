@@ -33,7 +33,7 @@ from lightning_curvprobe.functional.estimators import (
     quadratic_surrogate,
 )
 from lightning_curvprobe.functional.hvp import HessianOperator, LossFn, ModelFunction, _probe_mode
-from lightning_curvprobe.functional.lanczos import top_eigenpairs
+from lightning_curvprobe.functional.lanczos import EigenResult, top_eigenpairs
 
 
 @dataclass
@@ -207,6 +207,42 @@ def _evaluate(
     return out
 
 
+def _criterion_in_subspace(
+    fn: ModelFunction,
+    op: HessianOperator,
+    base_batch: Any,
+    added_batch: Any,
+    eig: EigenResult,
+    *,
+    sigma: float,
+    estimator: str,
+    num_samples: int,
+    quadratic_error_samples: int,
+    generator: torch.Generator,
+) -> tuple[dict[str, Tensor], _Statistics]:
+    """Draws, statistics and estimator at a solved subspace; shared by ``probe_stability`` and ``stability_curve``.
+
+    ``op`` is the base batch's operator (its loss and gradient are reused). The draws come from ``generator`` in a
+    fixed order (direct Monte Carlo, then quadratic error, then quadratic Monte Carlo inside the estimator).
+    """
+    D = eig.eigenvectors.shape[1]
+    direct_z = _gaussian_draws(num_samples, D, sigma, generator, eig.eigenvectors) if estimator == "direct_mc" else None
+    qe_z = _gaussian_draws(quadratic_error_samples, D, sigma, generator, eig.eigenvectors)
+    stats = _collect_statistics(
+        fn,
+        base_batch,
+        added_batch,
+        eig.eigenvectors,
+        eig.eigenvalues,
+        base_loss=op.loss,
+        base_grad=op.gradient,
+        direct_z=direct_z,
+        qe_z=qe_z,
+    )
+    out = _evaluate(stats, sigma=sigma, estimator=estimator, num_samples=num_samples, generator=generator)
+    return out, stats
+
+
 @dataclass
 class ProbeResult:
     r"""Result of :func:`probe_stability`.
@@ -348,24 +384,16 @@ def probe_stability(
             RuntimeWarning,
             stacklevel=2,
         )
-    direct_z = _gaussian_draws(num_samples, D, sigma, gen, eig.eigenvectors) if estimator == "direct_mc" else None
-    qe_z = _gaussian_draws(quadratic_error_samples, D, sigma, gen, eig.eigenvectors)
-    stats = _collect_statistics(
+    out, stats = _criterion_in_subspace(
         fn,
+        op,
         base_batch,
         added_batch,
-        eig.eigenvectors,
-        eig.eigenvalues,
-        base_loss=op.loss,
-        base_grad=op.gradient,
-        direct_z=direct_z,
-        qe_z=qe_z,
-    )
-    out = _evaluate(
-        stats,
+        eig,
         sigma=sigma,
         estimator=estimator,
         num_samples=num_samples,
+        quadratic_error_samples=quadratic_error_samples,
         generator=gen,
     )
     return ProbeResult(
