@@ -382,3 +382,24 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"`block_size` must be an int >= 1"):
         top_eigenpairs(mv, 10, 2, block_size=0)
     assert mv.count == 0
+
+
+# ---------------------------------------------------------------------------------- chunked inner products
+
+
+def test_chunked_inner_products_loop_and_batched_agree():
+    from lightning_curvprobe.functional import lanczos
+
+    n = 3 * lanczos._ROW_CHUNK + 17  # three full chunks and a remainder
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(n, 12, generator=g)  # a basis-like buffer; its first columns are a strided view
+    A, X = V[:, :9], torch.randn(n, 2, generator=g)
+    exact = A.double().T @ X.double()
+    loop, batched = lanczos._inner(A, X), lanczos._inner_batched(A, X)
+    assert loop.dtype == batched.dtype == torch.float32
+    # float32 sums of random-sign terms: rounding error ~ u · sqrt(n) · |a| |x| per entry (a strict bound, in practice
+    # it is ~30x smaller); the chunks' partial sums are the same products in both versions
+    bound = torch.finfo(torch.float32).eps * n**0.5 * (A.double().norm(dim=0)[:, None] * X.double().norm(dim=0))
+    assert bool(((loop.double() - exact).abs() <= bound).all())
+    assert bool(((batched.double() - exact).abs() <= bound).all())
+    torch.testing.assert_close(batched.double(), loop.double(), rtol=0, atol=float(bound.min()) / 100)

@@ -48,6 +48,7 @@ MatVec = Callable[[Tensor], Tensor]
 _ROW_CHUNK = 1 << 16
 _BLOCK_ELEMENTS = 1 << 24  # a block step multiplies at most max(1, this // n) vectors at a time (its N x b memory)
 _BLOCK_WARM_FACTOR = 10.0
+_BATCHED_INNER = True  # _inner on CUDA: one batched product over the row chunks
 
 
 @dataclass
@@ -104,9 +105,28 @@ def _inner(A: Tensor, X: Tensor) -> Tensor:
     n = A.shape[0]
     if n <= _ROW_CHUNK:
         return A.T @ X
+    if A.device.type == "cuda" and _BATCHED_INNER:
+        return _inner_batched(A, X)
     out = torch.zeros(A.shape[1], X.shape[1], dtype=torch.float64, device=A.device)
     for r0 in range(0, n, _ROW_CHUNK):
         out += (A[r0 : r0 + _ROW_CHUNK].T @ X[r0 : r0 + _ROW_CHUNK]).to(torch.float64)
+    return out.to(A.dtype)
+
+
+def _inner_batched(A: Tensor, X: Tensor) -> Tensor:
+    """:func:`_inner` as one batched product over the row chunks (one kernel launch instead of one per chunk).
+
+    The chunks are strided views of ``A`` (no copy): ``(q, R, c)`` transposed to ``(q, c, R)`` is a batch of
+    column-major matrices. Each chunk's partial product is the same as in the loop; the ``q`` partial sums are then
+    added in float64. Used on GPUs, where a basis of 10^8 rows would otherwise cost ~1500 launches per inner product.
+    """
+    n = A.shape[0]
+    full = n - n % _ROW_CHUNK
+    q = full // _ROW_CHUNK
+    parts = torch.bmm(A[:full].unflatten(0, (q, _ROW_CHUNK)).transpose(1, 2), X[:full].unflatten(0, (q, _ROW_CHUNK)))
+    out = parts.to(torch.float64).sum(dim=0)
+    if full < n:
+        out += (A[full:].T @ X[full:]).to(torch.float64)
     return out.to(A.dtype)
 
 

@@ -102,6 +102,34 @@ def gpu_peak(device: torch.device, reset: bool = True) -> float | None:
     return peak
 
 
+def check_batched_inner(device: torch.device) -> dict[str, Any]:
+    """The eigensolver's batched inner product on this GPU: same values as the chunk loop, and no copy of the basis.
+
+    On failure the solver is switched to the loop (``lanczos._BATCHED_INNER = False``) and the run goes on.
+    """
+    from lightning_curvprobe.functional import lanczos
+
+    n = 40 * lanczos._ROW_CHUNK + 123
+    V = torch.randn(n, 64, device=device)
+    A, X = V[:, :50], torch.randn(n, 1, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    batched = lanczos._inner_batched(A, X)
+    torch.cuda.synchronize(device)
+    extra = torch.cuda.max_memory_allocated(device) - before
+    lanczos._BATCHED_INNER = False
+    loop = lanczos._inner(A, X)
+    exact = A.double().T @ X.double()
+    err = float((batched.double() - loop.double()).abs().max() / exact.abs().max())
+    ok = err < 1e-5 and extra < 0.05 * A.numel() * 4
+    lanczos._BATCHED_INNER = ok
+    log(f"batched inner product on the GPU: max difference to the chunk loop {err:.1e} (relative), extra memory "
+        f"{extra / 2**20:.1f} MiB for a {A.numel() * 4 / 2**20:.0f} MiB basis view -> {'used' if ok else 'NOT used'}")
+    del V, A, X
+    return dict(max_rel_difference=err, extra_bytes=extra, used=ok)
+
+
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, data: Tensor, steps: int, batch: int, seed: int) -> float:
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -157,6 +185,7 @@ def main() -> None:
     results: dict[str, Any] = {"args": vars(args), "sizes": sizes, "device": str(device)}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
+        results["batched_inner"] = check_batched_inner(device)
     t_start = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------- model and data
