@@ -253,7 +253,7 @@ def test_select_sigma_exact_quadratic_picks_largest() -> None:
 def test_select_sigma_tanh_mlp_largest_below_threshold() -> None:
     model, base = tanh_mlp(din=4, hidden=8, seed=1), data(16, din=4, seed=9)
     U, lam = _subspace(model, base, 3)
-    thr = 1e-2
+    thr = 2e-3  # between the errors at sigma = 0.0316 (6.3e-4) and 0.1 (5.0e-3) with these draws and canonical signs
     sel = select_sigma(model, mse, base, U, lam, max_quadratic_error=thr, num_draws=6, generator=gen(3))
     full = select_sigma(
         model, mse, base, U, lam, max_quadratic_error=thr, num_draws=6, generator=gen(3), stop_early=False

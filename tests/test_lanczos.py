@@ -395,7 +395,7 @@ def test_chunked_inner_products_loop_and_batched_agree():
     V = torch.randn(n, 12, generator=g)  # a basis-like buffer; its first columns are a strided view
     A, X = V[:, :9], torch.randn(n, 2, generator=g)
     exact = A.double().T @ X.double()
-    loop, batched = lanczos._inner(A, X), lanczos._inner_batched(A, X)
+    loop, batched = lanczos._inner(A, X), lanczos._inner_batched(A, X).to(A.dtype)
     assert loop.dtype == batched.dtype == torch.float32
     # float32 sums of random-sign terms: rounding error ~ u · sqrt(n) · |a| |x| per entry (a strict bound, in practice
     # it is ~30x smaller); the chunks' partial sums are the same products in both versions
@@ -403,3 +403,63 @@ def test_chunked_inner_products_loop_and_batched_agree():
     assert bool(((loop.double() - exact).abs() <= bound).all())
     assert bool(((batched.double() - exact).abs() <= bound).all())
     torch.testing.assert_close(batched.double(), loop.double(), rtol=0, atol=float(bound.min()) / 100)
+
+
+def _orth_error(Q):
+    return float((Q.double().T @ Q.double() - torch.eye(Q.shape[1], dtype=DT)).abs().max())
+
+
+def test_orthonormal_columns_full_rank_is_gram_schmidt():
+    from lightning_curvprobe.functional.lanczos import _orthonormal_columns
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(500, 7, generator=g, dtype=DT) @ torch.diag(torch.logspace(0, -3, 7, dtype=DT))  # cond 1e3
+    Q = _orthonormal_columns(W, DT)
+    Qh, R = torch.linalg.qr(W)
+    Qh = Qh * R.diagonal().sign()  # Householder with a positive diagonal of R: Gram-Schmidt's columns
+    assert _orth_error(Q) <= 1e-14
+    torch.testing.assert_close(Q, Qh, rtol=0, atol=1e-12)
+    assert torch.equal(W, torch.randn(500, 7, generator=torch.Generator().manual_seed(1), dtype=DT)
+                       @ torch.diag(torch.logspace(0, -3, 7, dtype=DT)))  # the input is not modified
+
+
+def test_orthonormal_columns_rank_deficient_and_zero():
+    from lightning_curvprobe.functional.lanczos import _orthonormal_columns
+
+    g = torch.Generator().manual_seed(2)
+    B = torch.randn(300, 3, generator=g, dtype=DT)
+    W = torch.cat([B, B @ torch.randn(3, 4, generator=g, dtype=DT)], dim=1)  # rank 3 in 7 columns
+    Q = _orthonormal_columns(W, DT)
+    assert Q.shape == (300, 3) and _orth_error(Q) <= 1e-14
+    P = torch.linalg.qr(B).Q
+    torch.testing.assert_close(Q @ (Q.T @ P), P, rtol=0, atol=1e-12)  # the same span
+    assert _orthonormal_columns(torch.zeros(300, 4, dtype=DT), DT).shape == (300, 0)
+
+
+def test_orthonormal_columns_float32_over_row_chunks():
+    from lightning_curvprobe.functional import lanczos
+
+    n = 2 * lanczos._ROW_CHUNK + 5
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(n, 6, generator=g) + 3.0 * torch.randn(n, 1, generator=g)  # correlated columns, float32
+    Q = lanczos._orthonormal_columns(W, torch.float32)
+    # float32 partial sums over row chunks of R rows: orthogonality at the u · sqrt(R) level, that of the Krylov basis
+    # itself (measured 8.7e-6 here; LAPACK's float32 Householder QR gives 3.2e-6 on the same input)
+    assert Q.dtype == torch.float32 and _orth_error(Q) <= torch.finfo(torch.float32).eps * lanczos._ROW_CHUNK**0.5
+    Qd = lanczos._orthonormal_columns(W.double(), DT)
+    torch.testing.assert_close(Q.double(), Qd, rtol=0, atol=1e-5)
+
+
+def test_canonical_signs_do_not_depend_on_the_path():
+    A = sym_with_spectrum(torch.linspace(1.0, 9.0, 70, dtype=DT) ** 2, seed=11)
+    cold = [top_eigenpairs(Counter(A), 70, 5, tol=1e-12, generator=gen(s)) for s in (0, 1)]
+    flipped = cold[0].basis * torch.tensor([-1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0], dtype=DT)
+    warm = top_eigenpairs(Counter(A), 70, 5, tol=1e-12, warm_start=flipped)
+    for res in (*cold, warm):
+        check_pairs(A, res, 5, 1e-12)
+        U = res.eigenvectors
+        peak = U.abs().argmax(dim=0)
+        assert bool((U[peak, torch.arange(5)] > 0).all())  # the largest entry of each vector is positive
+    # the same vectors, sign included, whatever the start (eigenvalue gaps are >= 0.2 |λ1| / 70 here)
+    torch.testing.assert_close(cold[1].eigenvectors, cold[0].eigenvectors, rtol=0, atol=1e-9)
+    torch.testing.assert_close(warm.eigenvectors, cold[0].eigenvectors, rtol=0, atol=1e-9)

@@ -112,14 +112,15 @@ def check_batched_inner(device: torch.device) -> dict[str, Any]:
     n = 40 * lanczos._ROW_CHUNK + 123
     V = torch.randn(n, 64, device=device)
     A, X = V[:, :50], torch.randn(n, 1, device=device)
+    lanczos._BATCHED_INNER = False
+    loop = lanczos._inner(A, X)  # also creates cuBLAS's workspace (32 MiB on an H200), which is not a copy
+    torch.bmm(A[:64].unflatten(0, (2, 32)).transpose(1, 2), X[:64].unflatten(0, (2, 32)))
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    batched = lanczos._inner_batched(A, X)
+    batched = lanczos._inner_batched(A, X).float()
     torch.cuda.synchronize(device)
     extra = torch.cuda.max_memory_allocated(device) - before
-    lanczos._BATCHED_INNER = False
-    loop = lanczos._inner(A, X)
     exact = A.double().T @ X.double()
     err = float((batched.double() - loop.double()).abs().max() / exact.abs().max())
     ok = err < 1e-5 and extra < 0.05 * A.numel() * 4
@@ -240,10 +241,18 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
 
+    def dump() -> None:
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "gpu_paper_scale.json"), "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
     def record(stage: str, method: str, seconds: float, hvps: int | None, res: float | None, note: str = "") -> None:
         row = dict(stage=stage, method=method, seconds=seconds, hvps=hvps, residual=res, note=note,
                    gpu_peak_gib=gpu_peak(device))
         rows.append(row)
+        results["rows"] = rows
+        dump()  # after every row: a run cut off by its time limit still leaves its results
         shown = "" if res is None else f"residual {res:.1e}  "
         log(f"  {stage:4s} {method:50s} {seconds:9.2f} s  HVPs {hvps if hvps is not None else '—':>5}  {shown}{note}")
 
@@ -357,10 +366,7 @@ def main() -> None:
     results["rows"] = rows
     results["total_s"] = time.perf_counter() - t_start
     log(f"\ntotal {results['total_s']:.0f} s; command: PYTHONPATH=. python {' '.join(sys.argv)}")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu_paper_scale.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
+    dump()
 
 
 if __name__ == "__main__":
