@@ -463,3 +463,24 @@ def test_canonical_signs_do_not_depend_on_the_path():
     # the same vectors, sign included, whatever the start (eigenvalue gaps are >= 0.2 |λ1| / 70 here)
     torch.testing.assert_close(cold[1].eigenvectors, cold[0].eigenvectors, rtol=0, atol=1e-9)
     torch.testing.assert_close(warm.eigenvectors, cold[0].eigenvectors, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("b", [2, 4, 7])
+@pytest.mark.parametrize("k", [5, 20])
+def test_block_steps_cold_and_moved_warm_start(model_hessian, k, b):
+    """Block Lanczos (b products per step): the same eigenpairs, counted products, cold and from a moved warm start."""
+    _, _, H, eig = model_hessian
+    n = H.shape[0]
+    tol = 1e-10
+    mv = Counter(H)
+    cold = top_eigenpairs(mv, n, k, tol=tol, block_size=b)
+    assert cold.converged and cold.hvps == mv.count
+    check_pairs(H, cold, k, tol, eig=eig)
+    single = top_eigenpairs(Counter(H), n, k, tol=tol)
+    torch.testing.assert_close(cold.eigenvectors, single.eigenvectors, rtol=0, atol=1e-7)  # canonical signs
+    H2 = _perturbed(H, 1e-2)
+    e2, Q2 = torch.linalg.eigh(H2)
+    mv2 = Counter(H2)
+    warm = top_eigenpairs(mv2, n, k, tol=tol, warm_start=cold.basis, block_size=b)
+    assert warm.converged and warm.hvps == mv2.count
+    check_pairs(H2, warm, k, tol, eig=(e2.flip(0), Q2.flip(1)))
