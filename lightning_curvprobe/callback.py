@@ -99,6 +99,8 @@ class CurvatureStabilityCallback(Callback):
             callback's own generator) from the training dataloader's dataset, kept for the whole run.
         tol: eigensolver tolerance, ``‖Hu - λu‖ <= tol · |λ_1|``.
         max_basis: eigensolver memory in basis vectors (default about ``2D + 10``).
+        basis_device: where the eigensolver's Krylov basis (``max_basis · N`` floats) and the kept subspace live,
+            e.g. ``"cpu"`` for a model on a GPU whose memory cannot hold the basis; default: the model's device.
         quadratic_error_samples: forward passes spent on ``quadratic_error`` per probe (0 = not logged).
         log_prefix: prefix of the logged keys.
         seed: seed of the callback's own ``torch.Generator``.
@@ -131,6 +133,7 @@ class CurvatureStabilityCallback(Callback):
         probe_data: Any = None,
         tol: float = 1e-3,
         max_basis: int | None = None,
+        basis_device: str | None = None,
         quadratic_error_samples: int = 8,
         log_prefix: str = "curvprobe",
         seed: int = 0,
@@ -161,6 +164,15 @@ class CurvatureStabilityCallback(Callback):
         self.probe_data = probe_data
         self.tol = _check_positive_float("tol", tol)
         self.max_basis = None if max_basis is None else _check_int("max_basis", max_basis, minimum=2)
+        if basis_device is not None:
+            try:
+                torch.device(basis_device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(
+                    f"`basis_device` must be None or a torch device string such as 'cpu' or 'cuda:0', got "
+                    f"{basis_device!r}."
+                ) from err
+        self.basis_device = basis_device
         self.quadratic_error_samples = _check_int("quadratic_error_samples", quadratic_error_samples, minimum=0)
         if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
             raise ValueError(f"`log_prefix` must be a non-empty string not ending in '/', got {log_prefix!r}.")
@@ -294,7 +306,12 @@ class CurvatureStabilityCallback(Callback):
                 prev = self._basis
                 hvps = 0
                 if refresh:
-                    warm = None if prev is None else prev.to(device=fn.device, dtype=fn.dtype)
+                    if prev is None:
+                        warm = None
+                    elif self.basis_device is None:
+                        warm = prev.to(device=fn.device, dtype=fn.dtype)
+                    else:  # stays where it is kept: the solver moves it one column at a time
+                        warm = prev.to(dtype=fn.dtype)
                     eig = self._call_user(
                         lambda: top_eigenpairs(
                             op.matvec,
@@ -306,6 +323,7 @@ class CurvatureStabilityCallback(Callback):
                             generator=self._generator,
                             dtype=fn.dtype,
                             device=fn.device,
+                            basis_device=self.basis_device,
                         ),
                         "the base samples (eigensolver)",
                     )

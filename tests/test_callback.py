@@ -343,6 +343,17 @@ def test_trainer_validate_without_probe_data_asks_for_it(tmp_path):
         make_trainer(tmp_path, callbacks=[cb]).validate(model, dataloaders=val)
 
 
+def test_basis_device_keeps_the_subspace_there_and_changes_nothing(tmp_path):
+    default, on_cpu = probe(), probe(basis_device="cpu")
+    fit(tmp_path, [default], max_epochs=2)
+    fit(tmp_path, [on_cpu], max_epochs=2)
+    assert on_cpu._basis is not None and on_cpu._basis.device == torch.device("cpu")
+    assert on_cpu.history[-1]["hvps"] > 0  # the second refresh was warm-started from the kept subspace
+    for a, b in zip(default.history, on_cpu.history, strict=True):
+        assert a.keys() == b.keys()  # the same device here: bit for bit the same run
+        assert all(a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key])) for key in a)
+
+
 # ----------------------------------------------------------------------------------------------- bad configuration
 
 
@@ -356,6 +367,7 @@ def test_trainer_validate_without_probe_data_asks_for_it(tmp_path):
         ({"estimator": "bogus"}, r"`estimator`.*'gaussian_moment'.*'quadratic_mc'.*'direct_mc'.*got 'bogus'"),
         ({"num_probe_samples": 0}, r"`num_probe_samples`.*got 0"),
         ({"num_added_samples": 0}, r"`num_added_samples`.*got 0"),
+        ({"basis_device": "nowhere"}, r"`basis_device`.*'cpu'.*got 'nowhere'"),
         (
             {"num_probe_samples": 8, "num_added_samples": 2, "probe_data": probe_batch(9)},
             r"`probe_data`.*at least.*10 samples, got 9",
