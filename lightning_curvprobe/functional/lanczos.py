@@ -490,11 +490,10 @@ def _canonical_signs_(vectors: Tensor) -> None:
     An eigenvector is defined up to its sign; fixing it makes the result independent of the path that found it (a
     cold or a warm start, another start vector), so that draws expressed in the eigenbasis (``U z``) are reproducible.
     """
-    if vectors.numel() == 0:
-        return
-    cols = torch.arange(vectors.shape[1], device=vectors.device)
-    signs = vectors[vectors.abs().argmax(dim=0), cols].sign()
-    vectors.mul_(torch.where(signs == 0, torch.ones_like(signs), signs))
+    for j in range(vectors.shape[1]):  # column by column: no N x k temporary
+        v = vectors[:, j]
+        if v.numel() and float(v[v.abs().argmax()]) < 0:
+            v.neg_()
 
 
 def _restart(
