@@ -276,6 +276,7 @@ def main() -> None:
            f"converged {cold.converged}, {cold.restarts} restarts {eig_err(cold.eigenvalues)}")
     # the previous subspace is kept in CPU memory, as a callback's state would be (the warm start reads it there)
     cold_basis = cold.basis.cpu()
+    cold_values = cold.eigenvalues.cpu()
     del cold
 
     h0 = op.num_hvps
@@ -300,23 +301,30 @@ def main() -> None:
     log(f"  {args.steps} Adam steps: {t_steps:.1f} s, loss {loss:.3f}")
     fn2 = ModelFunction(model, _models.lm_loss)
     op2 = HessianOperator(fn2, base, where="the base samples")
-    t_warm, warm = solve(op2, cold_basis)
-    res_warm = residual(op2, warm.eigenvectors)
-    ov = float((cold_basis[:, :D].T @ warm.eigenvectors.cpu()).pow(2).sum()) / D
-    record("I", f"Lanczos warm (after {args.steps} Adam steps)", t_warm, warm.hvps, res_warm,
-           f"converged {warm.converged}, subspace overlap with the cold solve {ov:.3f}")
     speedup = t_pow_full / t_cold
     better = res_cold < res_pow
     verdict = "met" if speedup >= 10 and better else "NOT met"
     log(f"  goal (Lanczos cold ≥ 10× faster than power at better accuracy): {verdict} — {speedup:.1f}× "
         f"({'extrapolated ' if done < D else ''}power {t_pow_full:.1f} s vs {t_cold:.1f} s), residual "
-        f"{res_cold:.1e} vs {res_pow:.1e}; warm {t_pow_full / t_warm:.1f}×; overlap power/Lanczos {overlap:.3f}")
-    results["stage1_goal"] = dict(speedup_cold=speedup, speedup_warm=t_pow_full / t_warm, better_accuracy=better,
-                                  verdict=verdict, power_extrapolated=done < D)
+        f"{res_cold:.1e} vs {res_pow:.1e}; overlap power/Lanczos {overlap:.3f}")
+    results["stage1_goal"] = dict(speedup_cold=speedup, better_accuracy=better, verdict=verdict,
+                                  power_extrapolated=done < D)
+    dump()
+    try:  # a failure here must not cost Stages II and III (a GPU run is one shot)
+        t_warm, warm = solve(op2, cold_basis)
+        res_warm = residual(op2, warm.eigenvectors)
+        ov = float((cold_basis[:, :D].T @ warm.eigenvectors.cpu()).pow(2).sum()) / D
+        record("I", f"Lanczos warm (after {args.steps} Adam steps)", t_warm, warm.hvps, res_warm,
+               f"converged {warm.converged}, subspace overlap with the cold solve {ov:.3f}; "
+               f"{t_pow_full / t_warm:.1f}× faster than power")
+        U, evals = warm.eigenvectors.to(device), warm.eigenvalues.to(device)
+    except Exception as err:  # noqa: BLE001 - reported, and the run goes on with the cold subspace
+        log(f"  Lanczos warm FAILED: {type(err).__name__}: {err}; Stages II-III use the cold subspace")
+        results["warm_error"] = f"{type(err).__name__}: {err}"
+        U, evals = cold_basis[:, :D].to(device), cold_values.to(device)
 
     # ---------------------------------------------------------------------------------------------- Stage II
     log("\nStage II (coefficients a, c, B of the added sample(s), at the warm point)")
-    U, evals = warm.eigenvectors.to(device), warm.eigenvalues.to(device)
     gen = torch.Generator().manual_seed(args.seed)
     t2, stats = clock(lambda: _collect_statistics(fn2, base, added, U, evals, base_loss=op2.loss,
                                                   base_grad=op2.gradient))
