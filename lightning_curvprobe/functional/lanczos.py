@@ -8,7 +8,9 @@ The solver keeps an orthonormal basis :math:`V = [V_d, V_p]` of ``done`` vectors
 A Ritz pair :math:`(\theta, y = V_d s)` of :math:`T` has the residual :math:`H y - \theta y = V_p C s`, so its norm
 :math:`\lVert C s\rVert` is known without extra products. Each step multiplies one pending vector (the direction
 that carries most of the unconverged residuals), orthogonalises the product against the whole basis twice (full
-reorthogonalisation) and appends the remainder as a new pending vector. With one pending vector this is Lanczos.
+reorthogonalisation) and appends the remainder as a new pending vector. With one pending vector this is Lanczos; with
+``block_size = b`` each step multiplies the ``b`` pending directions of the ``b`` leading unconverged residuals (block
+Lanczos). Eigenvectors are returned with a canonical sign (largest-magnitude entry positive).
 
 Warm start: one product tests whether the previous subspace :math:`Q` is still (nearly) invariant, with
 :math:`v_0 = Q\mathbf 1/\lVert Q\mathbf 1\rVert` and
