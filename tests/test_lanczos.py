@@ -484,3 +484,36 @@ def test_block_steps_cold_and_moved_warm_start(model_hessian, k, b):
     warm = top_eigenpairs(mv2, n, k, tol=tol, warm_start=cold.basis, block_size=b)
     assert warm.converged and warm.hvps == mv2.count
     check_pairs(H2, warm, k, tol, eig=(e2.flip(0), Q2.flip(1)))
+
+
+def test_orthonormal_columns_ill_conditioned_float32():
+    from lightning_curvprobe.functional import lanczos
+
+    n = 2 * lanczos._ROW_CHUNK + 5
+    g = torch.Generator().manual_seed(4)
+    B = torch.linalg.qr(torch.randn(n, 8, generator=g, dtype=DT)).Q
+    W = (B @ torch.diag(torch.logspace(0, -2.7, 8, dtype=DT))).float()  # condition number 500
+    Q = lanczos._orthonormal_columns(W, torch.float32)
+    # directions with Gram eigenvalue below sqrt(eps) = 3.5e-4 of the largest (scale below 0.0186) are dropped
+    assert Q.shape[1] == 5  # scales 1 ... 0.0287 kept, 0.0118 and below dropped
+    assert _orth_error(Q) <= torch.finfo(torch.float32).eps * lanczos._ROW_CHUNK**0.5
+    P = B[:, :5]
+    torch.testing.assert_close(Q.double() @ (Q.double().T @ P), P, rtol=0, atol=1e-4)  # the leading span is kept
+
+
+def test_block_steps_one_product_at_a_time(model_hessian, monkeypatch):
+    """Large-n path: a block step multiplies its vectors one at a time; the warm start's paid product is reused."""
+    from lightning_curvprobe.functional import lanczos
+
+    _, _, H, _ = model_hessian
+    n, k, tol = H.shape[0], 5, 1e-10
+    prev = top_eigenpairs(Counter(H), n, k, tol=tol)
+    H2 = _perturbed(H, 1e-2)
+    e2, Q2 = torch.linalg.eigh(H2)
+    batched = top_eigenpairs(Counter(H2), n, k, tol=tol, warm_start=prev.basis, block_size=4)
+    monkeypatch.setattr(lanczos, "_BLOCK_ELEMENTS", 1)
+    mv = Counter(H2)
+    single = top_eigenpairs(mv, n, k, tol=tol, warm_start=prev.basis, block_size=4)
+    assert single.converged and single.hvps == mv.count == batched.hvps
+    check_pairs(H2, single, k, tol, eig=(e2.flip(0), Q2.flip(1)))
+    torch.testing.assert_close(single.eigenvectors, batched.eigenvectors, rtol=0, atol=1e-10)

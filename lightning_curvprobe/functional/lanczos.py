@@ -24,7 +24,7 @@ stays exact).
 
 A pair is converged when :math:`\lVert H y - \theta y\rVert \le \mathrm{tol}\,|\theta_1|`. To guard against returning
 the wrong member of a near-degenerate cluster, ``num_extra`` pairs beyond the requested ones are converged too (to
-``10 tol``: enough to place them, and measured to save 5-25 % of the products) and not reported.
+``10 tol``: enough to place them, and measured to save 0-22 % of the products) and not reported.
 
 Memory: besides the basis (``max_basis · n`` numbers, on ``basis_device``) the solver holds one chunk of products at a
 time (the whole block when ``n`` is small, one vector when ``n > 2**24``), orthogonalises in place, rotates and restarts
@@ -145,9 +145,13 @@ def _orthonormal_columns(W: Tensor, dtype: torch.dtype) -> Tensor:
 
     Cholesky QR twice: the ``w x w`` Gram matrix is summed in float64 over row chunks (:func:`_inner64`) and factored,
     and ``W R^{-1}`` is applied in place, row chunk by row chunk. For a full-rank ``W`` the columns are those of
-    Gram-Schmidt on ``W`` (positive diagonal of ``R``). Directions whose Gram eigenvalue is below
-    ``w · eps(dtype)`` of the largest are dropped first (an eigenvalue-based whitening), so a rank-deficient or zero
-    ``W`` gives fewer (or no) columns. Unlike LAPACK's Householder QR this works for any ``n · w`` (LAPACK's 32-bit
+    Gram-Schmidt on ``W``, up to rounding (positive diagonal of ``R``). When ``W`` is ill-conditioned (smallest
+    Cholesky pivot² below ``sqrt(eps(dtype))`` of the largest Gram entry: condition number above ~54 in float32,
+    ~8000 in float64, where the float32 chunk sums of the Gram matrix could no longer be trusted to give an
+    orthonormal result), the first pass is an eigenvalue-based whitening instead that drops the directions with Gram
+    eigenvalues below ``sqrt(eps)`` of the largest; a rank-deficient or zero ``W`` thus gives fewer (or no) columns.
+    (The solver re-orthogonalises every column it takes into its basis anyway: this only has to be good enough for
+    the warm-start test.) Unlike LAPACK's Householder QR this works for any ``n · w`` (LAPACK's 32-bit
     workspace sizes fail beyond ~2^31 elements: measured on a 98.4M x 57 float32 basis) and reads ``W`` in one pass
     per factorisation.
     """
@@ -163,10 +167,10 @@ def _orthonormal_columns(W: Tensor, dtype: torch.dtype) -> Tensor:
         if top <= 0 or not math.isfinite(top):
             return Q[:, :0].clone()
         lo = float(L.diagonal().min()) ** 2 if int(info) == 0 else 0.0
-        if sweep == 0 and lo <= Q.shape[1] * eps * top:
+        if sweep == 0 and lo <= math.sqrt(eps) * top:
             # (nearly) dependent columns: keep the well-determined directions of the span, then re-orthonormalise
             evals, evecs = torch.linalg.eigh(G)
-            keep = evals > Q.shape[1] * eps * float(evals[-1])
+            keep = evals > math.sqrt(eps) * float(evals[-1])
             Z = (evecs[:, keep] / evals[keep].sqrt()).flip(1)
             Q = _rows_matmul(Q, Z.to(dtype))
             continue
