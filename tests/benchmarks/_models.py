@@ -1,8 +1,9 @@
 """Models, data and measuring helpers shared by the benchmark scripts in this folder (not collected by pytest).
 
 - the quickstart's ``Regressor`` and data (imported from ``examples/quickstart.py``);
-- ``GPT``: a decoder-only transformer with hand-written causal attention (twice differentiable on every device, so
-  Hessian-vector products by double backward work), sized by ``gpt_config``; ``GPTModule`` wraps it for Lightning;
+- ``GPT``: the paper-reproduction example's decoder-only transformer with hand-written causal attention (twice
+  differentiable on every device, so Hessian-vector products by double backward work), sized by ``GPT_SIZES``;
+  ``GPTModule`` wraps it for Lightning;
 - ``markov_tokens``: synthetic token sequences from a random sparse Markov chain (nothing is downloaded);
 - ``deflated_power``: the seed paper's deflated power iteration (the baseline of SPEC §2), device-aware;
 - ``achieved_residual``: ``max_i ‖H u_i − ρ_i u_i‖ / max_i |ρ_i|`` recomputed with extra, uncounted products;
@@ -11,7 +12,7 @@
 
 from __future__ import annotations
 
-import math
+import importlib.util
 import os
 import sys
 import time
@@ -39,47 +40,22 @@ def quickstart_module() -> Any:
 # ------------------------------------------------------------------------------------------------------ transformer
 
 
-class CausalBlock(nn.Module):
-    """Pre-LN transformer block with hand-written causal self-attention (twice differentiable everywhere)."""
-
-    def __init__(self, d: int, heads: int, d_ff: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, d_ff)
-        self.fc2 = nn.Linear(d_ff, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-        att = att.masked_fill(mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(y)
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+def _paper_helpers() -> Any:
+    """``examples/paper_reproduction/_helpers.py`` (loaded by path: its folder shares the example script's name)."""
+    name = "paper_reproduction_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(ROOT, "examples", "paper_reproduction", "_helpers.py")
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-class GPT(nn.Module):
-    """Decoder-only language model: token + learned position embeddings, pre-LN blocks, untied output head."""
-
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, d_ff: int, context: int) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(0.02 * torch.randn(context, d))
-        self.blocks = nn.ModuleList([CausalBlock(d, heads, d_ff) for _ in range(layers)])
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        x = self.tok(idx) + self.pos[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln(x))
+#: the example's transformer (pre-LN blocks with hand-written causal attention, learned positions, untied head)
+GPT = _paper_helpers().TinyGPT
 
 
 def gpt_num_params(vocab: int, d: int, layers: int, heads: int, d_ff: int, context: int) -> int:

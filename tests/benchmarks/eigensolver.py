@@ -56,6 +56,9 @@ from torch import Tensor, nn  # noqa: E402
 
 from lightning_curvprobe.functional import HessianOperator, ModelFunction, top_eigenpairs  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _models import GPT as TinyGPT  # noqa: E402
+
 TOL = 1e-3  # target residual, relative to |λ1|
 EIGSH_TOLS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # ARPACK tol ladder, tightest first
 POWER_MAX_ITER = 30  # seed paper: at most 30 iterations per vector ...
@@ -78,49 +81,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
-
-
-class CausalBlock(nn.Module):
-    """Pre-LN transformer block with hand-written causal self-attention (twice differentiable everywhere)."""
-
-    def __init__(self, d: int, heads: int, d_ff: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, d_ff)
-        self.fc2 = nn.Linear(d_ff, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-        att = att.masked_fill(mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(y)
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class TinyGPT(nn.Module):
-    """Decoder-only, character-level style language model."""
-
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, d_ff: int, context: int) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(0.02 * torch.randn(context, d))
-        self.blocks = nn.ModuleList([CausalBlock(d, heads, d_ff) for _ in range(layers)])
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        x = self.tok(idx) + self.pos[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln(x))
 
 
 def mlp_loss(model: nn.Module, batch: Any) -> Tensor:
