@@ -517,3 +517,61 @@ def test_block_steps_one_product_at_a_time(model_hessian, monkeypatch):
     assert single.converged and single.hvps == mv.count == batched.hvps
     check_pairs(H2, single, k, tol, eig=(e2.flip(0), Q2.flip(1)))
     torch.testing.assert_close(single.eigenvectors, batched.eigenvectors, rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------ basis held in row blocks
+
+
+@pytest.mark.parametrize("case", ["cold_restarts", "warm_kept", "warm_moved_block"])
+def test_basis_in_row_blocks_equals_one_block(model_hessian, monkeypatch, case):
+    """A basis split into 13 row blocks (as for large n) gives the one-block results: pairs, products, layout."""
+    from lightning_curvprobe.functional import lanczos
+
+    _, _, H, eig = model_hessian
+    n, k, tol = H.shape[0], 5, 1e-10
+    monkeypatch.setattr(lanczos, "_ROW_CHUNK", 32)  # chunked float64 sums; blocks of 128 rows: 12 full, one of 4
+    prev = top_eigenpairs(Counter(H), n, k, tol=tol)
+    if case == "cold_restarts":
+        H2, kw = H, {"max_basis": 16}  # restarts in the blocks
+    elif case == "warm_kept":
+        H2, kw = _perturbed(H, 1e-7), {"warm_start": prev.basis}  # the previous block is kept (one Rayleigh-Ritz)
+    else:
+        H2, kw = _perturbed(H, 1e-2), {"warm_start": prev.basis, "block_size": 4}  # moved: Lanczos from v0
+    runs = {}
+    for blocks in (1, 16):
+        monkeypatch.setattr(lanczos, "_BASIS_BLOCKS", blocks)
+        mv = Counter(H2)
+        runs[blocks] = top_eigenpairs(mv, n, k, tol=tol, **kw)
+        assert runs[blocks].converged and runs[blocks].hvps == mv.count
+    one, split = runs[1], runs[16]
+    assert split.hvps == one.hvps and split.restarts == one.restarts
+    if case == "cold_restarts":
+        assert split.restarts > 0
+    e2, Q2 = torch.linalg.eigh(H2) if case != "cold_restarts" else (eig[0].flip(0), eig[1].flip(1))
+    check_pairs(H2, split, k, tol, eig=(e2.flip(0), Q2.flip(1)))
+    torch.testing.assert_close(split.eigenvectors, one.eigenvectors, rtol=0, atol=1e-12)
+    torch.testing.assert_close(split.eigenvalues, one.eigenvalues, rtol=1e-14, atol=0)
+    # the result is stored column by column, as from one block, and eigenvectors is a view of basis
+    assert split.basis.stride() == one.basis.stride() == (1, n)
+    assert split.eigenvectors.data_ptr() == split.basis.data_ptr()
+
+
+def test_orthonormalise_in_row_blocks_equals_whole(monkeypatch):
+    """The warm start's in-place orthonormalisation over row blocks: the columns of the one-tensor version."""
+    from lightning_curvprobe.functional import lanczos
+
+    monkeypatch.setattr(lanczos, "_ROW_CHUNK", 16)
+    g = torch.Generator().manual_seed(5)
+    B = torch.randn(500, 4, generator=g, dtype=DT)
+    for W in (B @ torch.diag(torch.logspace(0, -2, 4, dtype=DT)),  # full rank: Cholesky QR twice
+              torch.cat([B, B @ torch.randn(4, 3, generator=g, dtype=DT)], dim=1)):  # rank 4 of 7: whitening
+        whole = lanczos._orthonormal_columns(W, DT)
+        basis = lanczos._Basis(500, 9, DT, torch.device("cpu"))
+        assert len(basis.blocks) == 16
+        for (r0, r1), V in zip(basis.bounds, basis.blocks, strict=True):
+            V[:, : W.shape[1]] = W[r0:r1]
+        r = lanczos._orthonormalise_(basis.blocks, W.shape[1])
+        assert r == whole.shape[1] == 4
+        torch.testing.assert_close(basis.columns(0, r), whole, rtol=0, atol=1e-13)
+        assert not basis.columns(r, 9).any()  # the dropped and unused columns are zero
+        assert _orth_error(whole) <= 1e-14

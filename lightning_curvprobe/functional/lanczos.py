@@ -27,11 +27,13 @@ the wrong member of a near-degenerate cluster, ``num_extra`` pairs beyond the re
 ``10 tol``: enough to place them, and measured to save 0-22 % of the products) and not reported.
 
 Memory: besides the basis (``max_basis · n`` numbers, on ``basis_device``) the solver holds one chunk of products at a
-time (the whole block when ``n`` is small, one vector when ``n > 2**24``), orthogonalises in place, rotates and restarts
-the basis in place row chunk by row chunk, and at the end builds the ``n · (k + p)`` Ritz vectors (the returned
-``eigenvectors`` are a view of ``basis``). A warm start costs its orthonormalised copy (``n · w``, on the warm start's
-own device) until it is in the basis. Inner products with the basis are summed over row chunks in float64: a single
-float32 product over millions of rows loses ~1e-4 relative accuracy, which at ``tol = 1e-3`` can stall the solver.
+time (the whole block when ``n`` is small, one vector when ``n > 2**24``) and a few single vectors; it orthogonalises in
+place, and rotates and restarts the basis in place row chunk by row chunk. A warm start is copied into the basis and
+orthonormalised there (no other copy of it). The basis is held in up to 16 row blocks, so the ``n · (k + p)`` Ritz
+vectors are built while it is released block by block: the peak is the basis plus a sixteenth of the result (the
+returned ``eigenvectors`` are a view of ``basis``). Inner products with the basis are summed over row chunks in float64:
+a single float32 product over millions of rows loses ~1e-4 relative accuracy, which at ``tol = 1e-3`` can stall the
+solver.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ _BLOCK_ELEMENTS = 1 << 24  # a block step multiplies at most max(1, this // n) v
 _BLOCK_WARM_FACTOR = 10.0
 _GUARD_FACTOR = 10.0  # guard pairs are converged to this multiple of tol
 _BATCHED_INNER = True  # _inner on CUDA: one batched product over the row chunks
+_BASIS_BLOCKS = 16  # the basis is held in up to this many row blocks (see _Basis.ritz_vectors)
 
 
 @dataclass
@@ -83,19 +86,87 @@ def _default_num_extra(k: int, n: int) -> int:
 
 
 class _Basis:
-    """Orthonormal basis storage with a fixed capacity (the only O(N) memory of the solver)."""
+    """Orthonormal basis storage with a fixed capacity (the only O(N) memory of the solver).
+
+    The ``n x cap`` numbers are held in up to :data:`_BASIS_BLOCKS` row blocks (each a whole number of ``_ROW_CHUNK``
+    rows, so inner products are summed over the same row chunks as for one tensor), so that the Ritz vectors can be
+    built while the basis is released block by block (:meth:`ritz_vectors`): the solver's peak is the basis plus
+    ``1 / _BASIS_BLOCKS`` of the result, never the basis plus the whole result. Columns ``size:`` are zero.
+    """
 
     def __init__(self, n: int, cap: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.V = torch.zeros(n, cap, dtype=dtype, device=device)
+        rows = _ROW_CHUNK * max(1, math.ceil(math.ceil(n / _BASIS_BLOCKS) / _ROW_CHUNK))
+        self.n = n
+        self.bounds = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+        self.blocks = [torch.zeros(r1 - r0, cap, dtype=dtype, device=device) for r0, r1 in self.bounds]
         self.size = 0
 
-    def project_out(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Two passes of classical Gram-Schmidt against the basis; returns (remainder, coefficients)."""
-        basis = self.V[:, : self.size]
-        coef = _inner(basis, x)
-        x = x - basis @ coef
-        coef2 = _inner(basis, x)
-        return x - basis @ coef2, coef + coef2
+    def columns(self, lo: int, hi: int) -> Tensor:
+        """A new ``n x (hi - lo)`` tensor holding columns ``lo:hi``."""
+        return torch.cat([V[:, lo:hi] for V in self.blocks])
+
+    def set_column(self, j: int, x: Tensor) -> None:
+        """Column ``j`` = ``x`` (shape ``(n, 1)``)."""
+        for (r0, r1), V in zip(self.bounds, self.blocks, strict=True):
+            V[:, j] = x[r0:r1, 0]
+
+    def inner(self, lo: int, hi: int, X: Tensor) -> Tensor:
+        """``V[:, lo:hi].T @ X``, summed over row chunks in float64 as :func:`_inner` does."""
+        if self.n <= _ROW_CHUNK:
+            return self.blocks[0][:, lo:hi].T @ X
+        out = torch.zeros(hi - lo, X.shape[1], dtype=torch.float64, device=X.device)
+        for (r0, r1), V in zip(self.bounds, self.blocks, strict=True):
+            out += _inner64(V[:, lo:hi], X[r0:r1])
+        return out.to(X.dtype)
+
+    def sub_(self, lo: int, hi: int, X: Tensor, coef: Tensor) -> None:
+        """``X -= V[:, lo:hi] @ coef`` in place."""
+        for (r0, r1), V in zip(self.bounds, self.blocks, strict=True):
+            X[r0:r1].addmm_(V[:, lo:hi], coef, alpha=-1)
+
+    def project_out_(self, X: Tensor, count: int) -> Tensor:
+        """Two passes of classical Gram-Schmidt of ``X`` against columns ``:count``, in place; returns coefficients."""
+        coef = self.inner(0, count, X)
+        self.sub_(0, count, X, coef)
+        coef2 = self.inner(0, count, X)
+        self.sub_(0, count, X, coef2)
+        return coef + coef2
+
+    def matmul_(self, lo: int, hi: int, Z: Tensor) -> None:
+        """``V[:, lo:lo + m] = V[:, lo:hi] @ Z`` in place (``Z``: ``(hi - lo, m)``), see :func:`_rows_matmul_`."""
+        for V in self.blocks:
+            _rows_matmul_(V, lo, hi, Z)
+
+    def restart_(self, nd: int, npend: int, Sk: Tensor) -> None:
+        """Thick restart in place: columns ``:keep`` = ``V[:, :nd] @ Sk``, the ``npend`` pending vectors move left."""
+        keep = Sk.shape[1]
+        for V in self.blocks:
+            for lo in range(0, V.shape[0], _ROW_CHUNK):  # row chunk by row chunk: no N x keep temporary
+                rows = V[lo : lo + _ROW_CHUNK]
+                rows[:, :keep] = rows[:, :nd] @ Sk
+                rows[:, keep : keep + npend] = rows[:, nd : nd + npend].clone()
+                rows[:, keep + npend :] = 0
+        self.size = keep + npend
+
+    def ritz_vectors(self, nd: int, coeffs: Tensor) -> Tensor:
+        """``V[:, :nd] @ coeffs`` stored column by column (shape ``(n, m)``, strides ``(1, n)``), releasing the basis.
+
+        Each row block's share of the result is computed and the block freed before the next one is read; the shares
+        are then copied into one tensor. Peak: the basis plus one share, then twice the result.
+        """
+        shares = []
+        for i, V in enumerate(self.blocks):
+            shares.append(coeffs.T @ V[:, :nd].T)
+            self.blocks[i] = V.new_empty(0, 0)
+            del V
+        self.blocks = []
+        if len(shares) == 1:
+            return shares[0].T
+        out = shares[0].new_empty(coeffs.shape[1], self.n)
+        for i, (r0, r1) in enumerate(self.bounds):
+            out[:, r0:r1] = shares[i]
+            shares[i] = shares[i].new_empty(0, 0)
+        return out.T
 
 
 def _inner(A: Tensor, X: Tensor) -> Tensor:
@@ -143,64 +214,72 @@ def _inner_batched(A: Tensor, X: Tensor) -> Tensor:
 def _orthonormal_columns(W: Tensor, dtype: torch.dtype) -> Tensor:
     """An orthonormal basis of the span of ``W`` (``n x w``), as a new ``n x r`` tensor on ``W``'s device (``r <= w``).
 
-    Cholesky QR twice: the ``w x w`` Gram matrix is summed in float64 over row chunks (:func:`_inner64`) and factored,
-    and ``W R^{-1}`` is applied in place, row chunk by row chunk. For a full-rank ``W`` the columns are those of
-    Gram-Schmidt on ``W``, up to rounding (positive diagonal of ``R``). When ``W`` is ill-conditioned (smallest
+    See :func:`_orthonormalise_`, which this runs on a copy of ``W``.
+    """
+    Q = W.to(dtype=dtype, copy=True)
+    r = _orthonormalise_([Q], Q.shape[1])
+    return Q if r == Q.shape[1] else Q[:, :r].contiguous()
+
+
+def _orthonormalise_(blocks: list[Tensor], w: int) -> int:
+    """Orthonormalise the first ``w`` columns of a matrix stored as row blocks, in place; returns their rank ``r``.
+
+    On return columns ``:r`` are an orthonormal basis of the span of the original ``w`` columns and columns ``r:w``
+    are zero. Cholesky QR twice: the ``w x w`` Gram matrix is summed in float64 over row chunks (:func:`_inner64`) and
+    factored, and ``W R^{-1}`` is applied in place, row chunk by row chunk. For a full-rank ``W`` the columns are those
+    of Gram-Schmidt on ``W``, up to rounding (positive diagonal of ``R``). When ``W`` is ill-conditioned (smallest
     Cholesky pivot² below ``sqrt(eps(dtype))`` of the largest Gram entry: condition number above ~54 in float32,
     ~8000 in float64, where the float32 chunk sums of the Gram matrix could no longer be trusted to give an
     orthonormal result), the first pass is an eigenvalue-based whitening instead that drops the directions with Gram
     eigenvalues below ``sqrt(eps)`` of the largest; a rank-deficient or zero ``W`` thus gives fewer (or no) columns.
     (The solver re-orthogonalises every column it takes into its basis anyway: this only has to be good enough for
     the warm-start test.) Unlike LAPACK's Householder QR this works for any ``n · w`` (LAPACK's 32-bit
-    workspace sizes fail beyond ~2^31 elements: measured on a 98.4M x 57 float32 basis) and reads ``W`` in one pass
-    per factorisation.
+    workspace sizes fail beyond ~2^31 elements: measured on a 98.4M x 57 float32 basis), reads ``W`` in one pass
+    per factorisation and needs no memory beyond one row chunk of products.
     """
-    Q = W.to(dtype=dtype, copy=True)
-    if Q.shape[1] == 0:
-        return Q
+    if w == 0 or not blocks:
+        return 0
+    dtype = blocks[0].dtype
     eps = torch.finfo(dtype).eps
+    r = w
     for sweep in range(2):
-        G = _inner64(Q, Q)
+        G = _inner64(blocks[0][:, :r], blocks[0][:, :r])
+        for V in blocks[1:]:
+            G += _inner64(V[:, :r], V[:, :r])
         G = 0.5 * (G + G.T)
         L, info = torch.linalg.cholesky_ex(G)
         top = float(G.diagonal().max())
         if top <= 0 or not math.isfinite(top):
-            return Q[:, :0].clone()
+            for V in blocks:
+                V[:, :w] = 0
+            return 0
         lo = float(L.diagonal().min()) ** 2 if int(info) == 0 else 0.0
         if sweep == 0 and lo <= math.sqrt(eps) * top:
             # (nearly) dependent columns: keep the well-determined directions of the span, then re-orthonormalise
             evals, evecs = torch.linalg.eigh(G)
             keep = evals > math.sqrt(eps) * float(evals[-1])
             Z = (evecs[:, keep] / evals[keep].sqrt()).flip(1)
-            Q = _rows_matmul(Q, Z.to(dtype))
+            for V in blocks:
+                _rows_matmul_(V, 0, r, Z.to(dtype))
+            r = Z.shape[1]
             continue
         Rinv = torch.linalg.solve_triangular(L.T, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=True)
-        _rows_matmul_(Q, 0, Q.shape[1], Rinv.to(dtype))
-    return Q
-
-
-def _rows_matmul(V: Tensor, Z: Tensor) -> Tensor:
-    """``V @ Z`` as a new tensor, row chunk by row chunk (no temporary beyond the result)."""
-    out = V.new_empty(V.shape[0], Z.shape[1])
-    for r0 in range(0, V.shape[0], _ROW_CHUNK):
-        torch.matmul(V[r0 : r0 + _ROW_CHUNK], Z, out=out[r0 : r0 + _ROW_CHUNK])
-    return out
-
-
-def _project_out_(basis: Tensor, x: Tensor) -> Tensor:
-    """:meth:`_Basis.project_out` against the columns of ``basis``, in place on ``x`` (no ``N x b`` temporaries)."""
-    coef = _inner(basis, x)
-    x.addmm_(basis, coef, alpha=-1)
-    coef2 = _inner(basis, x)
-    x.addmm_(basis, coef2, alpha=-1)
-    return coef + coef2
+        for V in blocks:
+            _rows_matmul_(V, 0, r, Rinv.to(dtype))
+    return r
 
 
 def _rows_matmul_(V: Tensor, lo: int, hi: int, Z: Tensor) -> None:
-    """``V[:, lo:hi] = V[:, lo:hi] @ Z`` in place, row chunk by row chunk (no ``N x (hi - lo)`` temporary)."""
+    """``V[:, lo:lo + m] = V[:, lo:hi] @ Z`` in place, row chunk by row chunk (no ``N x (hi - lo)`` temporary).
+
+    ``Z`` has shape ``(hi - lo, m)`` with ``m <= hi - lo``; columns ``lo + m:hi`` are zeroed.
+    """
+    m = Z.shape[1]
     for r0 in range(0, V.shape[0], _ROW_CHUNK):
         rows = V[r0 : r0 + _ROW_CHUNK]
-        rows[:, lo:hi] = rows[:, lo:hi] @ Z
+        rows[:, lo : lo + m] = rows[:, lo:hi] @ Z
+        if m < hi - lo:
+            rows[:, lo + m : hi] = 0
 
 
 def _block_chunk(n: int) -> int:
@@ -231,12 +310,12 @@ def top_eigenpairs(
         n: dimension of the operator.
         k: number of eigenpairs returned.
         tol: a pair is converged when ``‖H u - θ u‖ ≤ tol · |θ_1|``.
-        max_basis: most basis vectors held at once (memory is ``max_basis · n`` numbers, see above); default
-            ``2 (k + p) + 10 block_size`` (more when a warm start is wider), at most ``n``.
+        max_basis: most basis vectors held at once (memory is ``max_basis · n`` numbers plus a few vectors, see
+            above); default ``2 (k + p) + 10 block_size`` (more when a warm start is wider), at most ``n``.
         num_extra: guard pairs ``p`` converged beyond ``k`` and not reported; default ``max(2, ⌈k/4⌉)``.
         warm_start: previous eigenvectors, shape ``(n, w)``; they enter the basis as a block. They may live on another
-            device than the basis (e.g. in CPU memory while the basis is on the GPU): they are orthonormalised there
-            and moved one column at a time.
+            device than the basis (e.g. in CPU memory while the basis is on the GPU): they are copied into the basis
+            one row block at a time and orthonormalised there, so they cost no memory beyond the basis.
         block_size: vectors multiplied per step (block Lanczos): the random start vectors of a cold start, and the
             width of a moved warm start's Krylov block. ``1`` (default) is plain Lanczos, the fewest products; a
             larger block needs more products in all (and a larger default basis) but fewer sequential calls, which
@@ -297,43 +376,52 @@ def top_eigenpairs(
         generator = torch.Generator().manual_seed(0)
 
     small = torch.float64  # projected matrices are tiny: keep them in float64
-    basis = _Basis(n, 0, dtype, device)  # allocated after the warm-start test (its QR needs memory of its own)
+    basis = _Basis(n, cap, dtype, device)
     eps = torch.finfo(dtype).eps
     hvps = 0
     restarts = 0
-    nd = 0  # done vectors: basis.V[:, :nd]
+    nd = 0  # done vectors: basis columns :nd
     T = torch.zeros(0, 0, dtype=small, device=device)
     C = torch.zeros(0, 0, dtype=small, device=device)  # pending x done
 
-    def apply(x: Tensor) -> Tensor:
-        """``matvec`` of a block of basis vectors, the product on the basis' device.
+    def apply(x: Tensor, owned: bool = False) -> Tensor:
+        """``matvec`` of a block of vectors, the product on the basis' device.
 
-        The block is copied to the operator's device (never a view of the basis, so the product may be worked on in
-        place).
+        The block reaches ``matvec`` as a tensor of its own (copied unless ``owned``), so the product may be worked on
+        in place.
         """
-        x = x.to(device=op_device, copy=True)
+        x = x.to(device=op_device, copy=not owned)
         return matvec(x).reshape(n, x.shape[1]).to(device=device, dtype=dtype)
 
     def random_block(b: int) -> Tensor:
         x = torch.randn(n, b, generator=generator, dtype=torch.float64, device=generator.device)
         return x.to(device=device, dtype=dtype)
 
-    def append_pending(block: Tensor) -> int:
-        """Orthonormalise columns against the basis and append them as pending; returns how many were kept."""
+    def admit(column: Callable[[int], Tensor], count: int) -> int:
+        """Orthonormalise ``count`` columns against the basis and append them as pending; returns how many were kept.
+
+        ``column(i)`` gives the i-th as a new ``(n, 1)`` tensor on the basis' device; it may read basis column ``i``
+        (the warm start, already in the basis), which is never overwritten before it is read (``size <= i``).
+        """
         added = 0
-        for i in range(block.shape[1]):
-            x = block[:, i : i + 1].to(device)  # a warm start may live elsewhere: one column at a time
+        for i in range(count):
+            x = column(i)
             norm0 = float(x.norm())
-            x, _ = basis.project_out(x)
+            basis.project_out_(x, basis.size)
             norm = float(x.norm())
             if norm0 == 0 or norm <= 1e3 * eps * norm0 or basis.size >= cap:
                 continue
-            basis.V[:, basis.size] = (x / norm)[:, 0]
+            basis.set_column(basis.size, x / norm)
             basis.size += 1
             added += 1
         return added
 
+    def append_pending(block: Tensor) -> int:
+        return admit(lambda i: block[:, i : i + 1].to(device=device, dtype=dtype, copy=True), block.shape[1])
+
     cached: tuple[Tensor, Tensor] | None = None  # a product already paid for: (vector, H vector)
+    start: Tensor | None = None
+    npend = 0
     if warm_start is None:
         start = random_block(width)
     else:
@@ -341,28 +429,38 @@ def top_eigenpairs(
         # H v0 still lies in their span (rho <= factor * tol), the subspace barely moved: put the whole block in the
         # basis (Rayleigh-Ritz, then Krylov vectors as the residuals demand). Otherwise run Lanczos from v0, whose
         # first product is this one: a moved subspace then costs about what a cold solve does, never a block more.
-        # (on the warm start's own device: a previous basis kept in CPU memory is never copied whole to the GPU)
-        Q = _orthonormal_columns(warm_start, dtype)
-        if Q.shape[1] == 0:  # nothing to start from (e.g. a zero warm start): a random vector
+        # The previous vectors are copied into the basis and orthonormalised there (no copy of them besides the
+        # basis; from another device, e.g. CPU memory, they move one row block at a time).
+        if warm_start.shape[1] > cap:  # only when w > n (then cap = n): its span has at most n dimensions
+            warm_start = _orthonormal_columns(warm_start, dtype)
+        w = warm_start.shape[1]
+        for (r0, r1), V in zip(basis.bounds, basis.blocks, strict=True):
+            V[:, :w] = warm_start[r0:r1]
+        r = _orthonormalise_(basis.blocks, w)
+        if r == 0:  # nothing to start from (e.g. a zero warm start): a random vector
             start = random_block(1)
         else:
-            v0 = Q.sum(dim=1, keepdim=True)
-            v0 = v0 / v0.norm()
+            v0 = torch.cat([V[:, :r].sum(dim=1, keepdim=True) for V in basis.blocks])
+            v0 /= v0.norm()
             hv0 = apply(v0)
             hvps += 1
             hv0_norm = float(hv0.norm())
-            hq = hv0.to(Q.device)
-            rho = float((hq - Q @ _inner(Q, hq)).norm()) / max(hv0_norm, torch.finfo(dtype).tiny)
-            del hq
+            rem = hv0.clone()
+            basis.sub_(0, r, rem, basis.inner(0, r, rem))
+            rho = float(rem.norm()) / max(hv0_norm, torch.finfo(dtype).tiny)
+            del rem
             if rho <= _BLOCK_WARM_FACTOR * tol:
-                start = Q
+                npend = admit(lambda i: basis.columns(i, i + 1), r)  # in place: column i moves to column size <= i
+                for V in basis.blocks:
+                    V[:, npend:r] = 0
             else:  # v0 (its product is paid for) and, for a block, the leading previous vectors
-                start = v0 if block_size == 1 else torch.cat([v0, Q[:, : block_size - 1]], dim=1)
+                start = v0 if block_size == 1 else torch.cat([v0, basis.columns(0, min(r, block_size - 1))], dim=1)
                 cached = (v0, hv0)
-        del Q
-    basis = _Basis(n, cap, dtype, device)
-    npend = append_pending(start)
-    del start
+                for V in basis.blocks:
+                    V[:, :r] = 0
+    if start is not None:
+        npend = append_pending(start)
+        del start
     if npend == 0:  # degenerate warm start: fall back to a random vector
         npend = append_pending(random_block(1))
     C = torch.zeros(npend, 0, dtype=small, device=device)
@@ -412,7 +510,7 @@ def top_eigenpairs(
             d = d / d.norm(dim=0).clamp_min(torch.finfo(small).tiny)
             eye = torch.eye(npend, dtype=small, device=device)
             Z, _ = torch.linalg.qr(torch.cat([d, eye], dim=1)[:, :npend])
-            _rows_matmul_(basis.V, nd, nd + npend, Z.to(dtype))
+            basis.matmul_(nd, nd + npend, Z.to(dtype))
             C = Z.T @ C
         if basis.size + b > cap and cap < n and nd > 0:  # with cap == n the remainders always fit
             nd, T, C, restarts = _restart(basis, nd, npend, T, C, theta, S, kt, cap - b, restarts)
@@ -430,30 +528,29 @@ def top_eigenpairs(
                 # the start vector's product, paid for by the warm-start test, and the rest of the chunk
                 W = cached[1] / float(cached[0].norm())
                 if hi - lo > 1:
-                    W = torch.cat([W, apply(basis.V[:, nd + 1 : nd + hi])], dim=1)
+                    W = torch.cat([W, apply(basis.columns(nd + 1, nd + hi), owned=True)], dim=1)
                     hvps += hi - lo - 1
                 cached = None
             else:
-                W = apply(basis.V[:, nd + lo : nd + hi])
+                W = apply(basis.columns(nd + lo, nd + hi), owned=True)
                 hvps += hi - lo
             if not torch.isfinite(W).all():
                 from lightning_curvprobe.functional.hvp import NonFiniteProbeError
 
                 raise NonFiniteProbeError("the eigensolver met a non-finite Hessian-vector product.")
             wnorms = W.norm(dim=0)
-            coef[:, lo:hi] = _project_out_(basis.V[:, :nb], W).to(small)
+            coef[:, lo:hi] = basis.project_out_(W, nb).to(small)
             remainders = [(W[:, i : i + 1], float(wnorms[i])) for i in range(hi - lo)]
             # orthonormalise the remainders (already orthogonal to the basis) among themselves
             for i, (x, wnorm) in enumerate(remainders, start=lo):
                 for _ in range(2):
                     if r > 0:
-                        fresh = basis.V[:, nb : nb + r]
-                        c = _inner(fresh, x)
-                        x = x - fresh @ c
+                        c = basis.inner(nb, nb + r, x)
+                        basis.sub_(nb, nb + r, x, c)
                         Rcoef[:r, i] += c[:, 0].to(small)
                 norm = float(x.norm())
                 if norm > max(100.0, 10.0 * nb) * eps * wnorm and nb + r < cap:
-                    basis.V[:, nb + r] = (x / norm)[:, 0]
+                    basis.set_column(nb + r, x / norm)
                     Rcoef[r, i] = norm
                     r += 1
                 # else: breakdown, H q lies in the span of the basis (an invariant subspace)
@@ -474,9 +571,9 @@ def top_eigenpairs(
 
     want = min(kt, nd)
     coeffs = S[:, :want].to(dtype)
-    # the Ritz vectors, stored column by column (each vector contiguous); eigenvectors is a view of the basis
-    vectors = (coeffs.T @ basis.V[:, :nd].T).T
-    basis.V = basis.V.new_empty(0, 0)  # release the basis before returning
+    # the Ritz vectors, stored column by column (each vector contiguous), built while the basis is released;
+    # eigenvectors is a view of basis
+    vectors = basis.ritz_vectors(nd, coeffs)
     _canonical_signs_(vectors)
     kk = min(k, nd)
     return EigenResult(
@@ -511,14 +608,7 @@ def _restart(
     """
     room = cap - npend  # `cap` here already leaves space for the vectors about to be added
     keep = max(1, min(nd - 1, room, max(kt, kt + (room - kt) // 2)))
-    Sk = S[:, :keep].to(basis.V.dtype)
-    V = basis.V
-    for lo in range(0, V.shape[0], _ROW_CHUNK):  # in place, row chunk by row chunk: no N x keep temporary
-        rows = V[lo : lo + _ROW_CHUNK]
-        rows[:, :keep] = rows[:, :nd] @ Sk
-        rows[:, keep : keep + npend] = rows[:, nd : nd + npend].clone()  # the pending vectors move left
-        rows[:, keep + npend :] = 0
-    basis.size = keep + npend
+    basis.restart_(nd, npend, S[:, :keep].to(basis.blocks[0].dtype))
     T = torch.diag(theta[:keep])
     C = C @ S[:, :keep]
     return keep, T, C, restarts + 1
