@@ -29,7 +29,13 @@ from lightning_curvprobe._checks import (
 )
 from lightning_curvprobe.functional._batch import _batch_size, _cast_batch, _slice_batch
 from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
-from lightning_curvprobe.functional.hvp import HessianOperator, ModelFunction, NonFiniteProbeError, _check_loss
+from lightning_curvprobe.functional.hvp import (
+    HessianOperator,
+    ModelFunction,
+    NonFiniteProbeError,
+    _check_loss,
+    _probe_mode,
+)
 from lightning_curvprobe.functional.lanczos import EigenResult, top_eigenpairs
 from lightning_curvprobe.metric import CurvatureStability
 
@@ -312,21 +318,23 @@ class CurvatureStabilityCallback(Callback):
                         warm = prev.to(device=fn.device, dtype=fn.dtype)
                     else:  # stays where it is kept: the solver moves it one column at a time
                         warm = prev.to(dtype=fn.dtype)
-                    eig = self._call_user(
-                        lambda: top_eigenpairs(
-                            op.matvec,
-                            fn.num_params,
-                            self.num_eigenvectors,
-                            tol=self.tol,
-                            max_basis=self.max_basis,
-                            warm_start=warm,
-                            generator=self._generator,
-                            dtype=fn.dtype,
-                            device=fn.device,
-                            basis_device=self.basis_device,
-                        ),
-                        "the base samples (eigensolver)",
-                    )
+
+                    def solve() -> EigenResult:
+                        with _probe_mode(pl_module):  # once for all products (each product's own is then cheap)
+                            return top_eigenpairs(
+                                op.matvec,
+                                fn.num_params,
+                                self.num_eigenvectors,
+                                tol=self.tol,
+                                max_basis=self.max_basis,
+                                warm_start=warm,
+                                generator=self._generator,
+                                dtype=fn.dtype,
+                                device=fn.device,
+                                basis_device=self.basis_device,
+                            )
+
+                    eig = self._call_user(solve, "the base samples (eigensolver)")
                     hvps = eig.hvps
                     self.last_result = eig
                     if not eig.converged:
@@ -554,8 +562,6 @@ class CurvatureStabilityCallback(Callback):
             self._added = _clone(added)
         # the loss must be a finite scalar before any training step
         fn = ModelFunction(pl_module, self._loss_fn(pl_module))
-        from lightning_curvprobe.functional.hvp import _probe_mode
-
         with _untouched_rng(device), _probe_mode(pl_module), torch.no_grad():
             loss = self._call_user(lambda: fn.loss(fn.current(), fn.prepare(self._base)), "the base samples")
             _check_loss(loss, "the probe's base samples")

@@ -233,3 +233,51 @@ def test_linear_loss_has_zero_hessian():
     v = torch.randn(fn.num_params, 2, generator=gen(1), dtype=DT)
     assert torch.equal(op.matvec(v), torch.zeros_like(v))
     assert op.num_hvps == 2
+
+
+def test_probe_mode_nested_restores_flags_once_at_the_outer_exit():
+    """Nested ``_probe_mode`` of one model: eval inside throughout, mixed flags back only when the outer one exits."""
+    from lightning_curvprobe.functional.hvp import _PROBE_STATE, _probe_mode
+
+    model = mlp_bn_dropout(seed=3)
+    model.train()
+    model[1].eval()  # mixed flags must come back exactly
+    before = [m.training for m in model.modules()]
+    batch = regression_data(N_SAMPLES, seed=4)
+    op = HessianOperator(ModelFunction(model, mse_loss), batch)
+    v = torch.randn(op.dim, generator=gen(1), dtype=DT)
+    calls: list[bool] = []  # model.eval() calls model.train(False): count the walks over the modules
+
+    def counting_train(mode: bool = True) -> torch.nn.Module:
+        calls.append(mode)
+        return torch.nn.Module.train(model, mode)
+
+    model.train = counting_train  # type: ignore[method-assign]
+    alone = op.matvec(v)
+    assert calls == [False], "a product on its own sets eval mode itself"
+    with _probe_mode(model):
+        assert calls == [False, False]
+        assert not any(m.training for m in model.modules())
+        with torch.no_grad():
+            with _probe_mode(model):  # the inner one re-enables grad mode
+                assert torch.is_grad_enabled() and not any(m.training for m in model.modules())
+            assert not torch.is_grad_enabled(), "the inner exit must restore the grad mode around it"
+        assert not any(m.training for m in model.modules()), "the inner exit must not restore the flags"
+        nested = op.matvec(v)  # its own _probe_mode is the nested one: no walk over the modules
+        assert calls == [False, False], "a nested _probe_mode must leave the modules alone"
+        assert not any(m.training for m in model.modules())
+        with pytest.raises(KeyError), _probe_mode(model):
+            raise KeyError("inside")
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before
+    assert torch.equal(nested, alone)
+    assert not getattr(_PROBE_STATE, "active", {}), "no model may stay registered after the outer exit"
+    # an error in the outer one restores the flags as well
+    with pytest.raises(KeyError), _probe_mode(model):
+        raise KeyError("outer")
+    assert [m.training for m in model.modules()] == before
+    # another model inside is not nested: it gets its own flags handled
+    other = mlp_bn_dropout(seed=5).train()
+    with _probe_mode(model), _probe_mode(other):
+        assert not any(m.training for m in other.modules())
+    assert all(m.training for m in other.modules()) and [m.training for m in model.modules()] == before

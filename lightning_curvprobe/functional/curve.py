@@ -255,16 +255,17 @@ def stability_curve(
     for k in sizes:
         base_k = _slice_batch(base_batch, 0, k)
         op = HessianOperator(fn, base_k, where=f"the base samples [:{k}]")
-        eig = top_eigenpairs(
-            op.matvec,
-            fn.num_params,
-            D,
-            tol=tol,
-            warm_start=basis,
-            generator=gen,
-            dtype=fn.dtype,
-            device=fn.device,
-        )
+        with _probe_mode(fn.model):  # once for all products (each product's own is then cheap)
+            eig = top_eigenpairs(
+                op.matvec,
+                fn.num_params,
+                D,
+                tol=tol,
+                warm_start=basis,
+                generator=gen,
+                dtype=fn.dtype,
+                device=fn.device,
+            )
         if not eig.converged:
             warnings.warn(
                 f"the eigensolver stopped at k={k} after {eig.hvps} Hessian-vector products without reaching tol={tol} "

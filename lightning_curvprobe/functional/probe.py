@@ -366,17 +366,18 @@ def probe_stability(
         raise ValueError(f"`added_batch` must hold at least 1 sample, got {m}.")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     op = HessianOperator(fn, base_batch, where="the base samples")
-    eig = top_eigenpairs(
-        op.matvec,
-        fn.num_params,
-        D,
-        tol=tol,
-        max_basis=max_basis,
-        warm_start=warm_start,
-        generator=gen,
-        dtype=fn.dtype,
-        device=fn.device,
-    )
+    with _probe_mode(fn.model):  # once for all products (each product's own is then cheap)
+        eig = top_eigenpairs(
+            op.matvec,
+            fn.num_params,
+            D,
+            tol=tol,
+            max_basis=max_basis,
+            warm_start=warm_start,
+            generator=gen,
+            dtype=fn.dtype,
+            device=fn.device,
+        )
     if not eig.converged:
         warnings.warn(
             f"the eigensolver stopped after {eig.hvps} Hessian-vector products without reaching tol={tol} "

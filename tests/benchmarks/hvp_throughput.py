@@ -17,7 +17,11 @@ S = 64 draws:
    block path: one product per warm vector, plus the few Krylov vectors the residuals demand);
 4. ``added samples``: the m samples' loss, ``Uᵀg_j`` and ``UᵀH_jU`` (m · D products; before: m graph builds);
 5. ``direct MC``: S · (1 + m) forward passes at ``w0 + U z_s`` (base batch and each added sample);
-6. ``quadratic-error draws``: 8 forward passes of the base batch (done at every probe).
+6. ``quadratic-error draws``: 8 forward passes of the base batch (done at every probe);
+7. ``cold Lanczos, probe mode once``: a cold ``top_eigenpairs`` (sequential single products) with every product
+   entering eval mode etc. on its own (before) against one ``_probe_mode`` around the whole solve, as the callback,
+   ``probe_stability`` and ``stability_curve`` now do (after: each product's own is nested and skips the walk over
+   the modules).
 
 A script, not a test::
 
@@ -50,6 +54,10 @@ from lightning_curvprobe.functional._batch import _slice_batch  # noqa: E402
 from lightning_curvprobe.functional.hvp import HessianOperator, ModelFunction, _probe_mode  # noqa: E402
 from lightning_curvprobe.functional.lanczos import top_eigenpairs  # noqa: E402
 from lightning_curvprobe.functional.probe import _collect_statistics  # noqa: E402
+
+
+def _eigenvalues(result: Any) -> Tensor:
+    return result.eigenvalues
 
 
 def relerr(a: Tensor, b: Tensor) -> float:
@@ -124,6 +132,13 @@ def bench_case(
     def warm(op: HessianOperator) -> Any:
         return top_eigenpairs(op.matvec, N, D, tol=1e-3, warm_start=eig.basis, dtype=fn.dtype)
 
+    def cold(one_mode: bool) -> Any:
+        gen = torch.Generator().manual_seed(1)
+        if not one_mode:
+            return top_eigenpairs(op_batch.matvec, N, D, tol=1e-3, dtype=fn.dtype, generator=gen)
+        with _probe_mode(fn.model):
+            return top_eigenpairs(op_batch.matvec, N, D, tol=1e-3, dtype=fn.dtype, generator=gen)
+
     measures: list[tuple[str, str, int, Callable[[], Any], Callable[[], Any], Callable[[Any], Tensor]]] = [
         ("single HVP", "HVPs/s", 1, lambda: op_loop.matvec(V1), lambda: op_batch.matvec(V1), lambda r: r),
         (f"block of {kt} HVPs", "HVPs/s", kt, lambda: op_loop.matvec(Vb), lambda: op_batch.matvec(Vb), lambda r: r),
@@ -135,6 +150,7 @@ def bench_case(
          lambda: loop_draws(fn, w0, U, Z, base_p, added_p), lambda: batched_draws(fn, w0, U, Z, base_p, added_p),
          lambda r: torch.cat([r[0], r[1].reshape(-1)])),
         ("quadratic-error draws: 8 forwards", "fwd/s", 8, lambda: qe(False), lambda: qe(True), lambda r: r),
+        ("cold Lanczos, probe mode once", "HVPs/s", 0, lambda: cold(False), lambda: cold(True), _eigenvalues),
     ]
     rows = []
     for label, unit, count, before, after, value in measures:
