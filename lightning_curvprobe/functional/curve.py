@@ -35,8 +35,7 @@ from lightning_curvprobe.functional.estimators import (
     _quadratic_error,
 )
 from lightning_curvprobe.functional.hvp import HessianOperator, LossFn, ModelFunction, _check_loss, _probe_mode
-from lightning_curvprobe.functional.lanczos import top_eigenpairs
-from lightning_curvprobe.functional.probe import _check_common, _criterion_in_subspace
+from lightning_curvprobe.functional.probe import _check_common, _criterion_in_subspace, _eigensolve
 
 # ----------------------------------------------------------------------------------------------- power-law fit
 
@@ -255,17 +254,7 @@ def stability_curve(
     for k in sizes:
         base_k = _slice_batch(base_batch, 0, k)
         op = HessianOperator(fn, base_k, where=f"the base samples [:{k}]")
-        with _probe_mode(fn.model):  # once for all products (each product's own is then cheap)
-            eig = top_eigenpairs(
-                op.matvec,
-                fn.num_params,
-                D,
-                tol=tol,
-                warm_start=basis,
-                generator=gen,
-                dtype=fn.dtype,
-                device=fn.device,
-            )
+        eig = _eigensolve(op, D, tol=tol, warm_start=basis, generator=gen)
         if not eig.converged:
             warnings.warn(
                 f"the eigensolver stopped at k={k} after {eig.hvps} Hessian-vector products without reaching tol={tol} "

@@ -36,6 +36,13 @@ from lightning_curvprobe.functional.hvp import HessianOperator, LossFn, ModelFun
 from lightning_curvprobe.functional.lanczos import EigenResult, top_eigenpairs
 
 
+def _eigensolve(op: HessianOperator, k: int, **kwargs: Any) -> EigenResult:
+    """:func:`top_eigenpairs` of ``op`` inside one probe mode (each product's own is then nested and cheap)."""
+    fn = op.fn
+    with _probe_mode(fn.model):
+        return top_eigenpairs(op.matvec, fn.num_params, k, dtype=fn.dtype, device=fn.device, **kwargs)
+
+
 @dataclass
 class _Statistics:
     """Sufficient statistics of one probe, as sums over this process's samples (see the metric's states)."""
@@ -366,18 +373,7 @@ def probe_stability(
         raise ValueError(f"`added_batch` must hold at least 1 sample, got {m}.")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     op = HessianOperator(fn, base_batch, where="the base samples")
-    with _probe_mode(fn.model):  # once for all products (each product's own is then cheap)
-        eig = top_eigenpairs(
-            op.matvec,
-            fn.num_params,
-            D,
-            tol=tol,
-            max_basis=max_basis,
-            warm_start=warm_start,
-            generator=gen,
-            dtype=fn.dtype,
-            device=fn.device,
-        )
+    eig = _eigensolve(op, D, tol=tol, max_basis=max_basis, warm_start=warm_start, generator=gen)
     if not eig.converged:
         warnings.warn(
             f"the eigensolver stopped after {eig.hvps} Hessian-vector products without reaching tol={tol} "
