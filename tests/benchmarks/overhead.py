@@ -28,6 +28,7 @@ A script, not a test::
 
     PYTHONPATH=. python tests/benchmarks/overhead.py             # ~5 minutes on 2 shared CPU cores
     PYTHONPATH=. python tests/benchmarks/overhead.py --quick     # smoke run, a few seconds
+    PYTHONPATH=. python tests/benchmarks/overhead.py --tasks quickstart --only "(D=10, k=64" --threads 1
 """
 
 from __future__ import annotations
@@ -188,8 +189,13 @@ def _attr(key: str) -> tuple[Any, str]:
     return sys.modules[module], name
 
 
-def run_task(task: Task, configs: list[Config], repeats: int) -> list[str]:
+def run_task(task: Task, configs: list[Config], repeats: int, only: str | None = None) -> list[str]:
     """Interleaved fits; returns the table rows."""
+    if only:
+        parts = [p.strip() for p in only.split(",") if p.strip()]
+        configs = [c for c in configs if any(p in c.label for p in parts)]
+        if not configs:
+            return []
     times: dict[str, list[float]] = collections.defaultdict(list)
     parts: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     info: dict[str, str] = {}
@@ -247,6 +253,9 @@ def main() -> None:
     parser.add_argument("--gpt-train", type=int, default=None, help="transformer training sequences (default 8192)")
     parser.add_argument("--tasks", default="quickstart,transformer")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--only", default=None, help="comma-separated parts of configuration labels: run just those (and baselines)"
+    )
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
@@ -283,7 +292,7 @@ def main() -> None:
                     patch={"lightning_curvprobe.functional.lanczos._BLOCK_WARM_FACTOR": float("inf")},
                 ),
             ]
-        rows += run_task(quickstart_task(epochs), configs, repeats)
+        rows += run_task(quickstart_task(epochs), configs, repeats, args.only)
     if "transformer" in tasks:
         epochs = args.gpt_epochs or 1 if args.quick else (args.gpt_epochs or 3)
         num_train = args.gpt_train or (256 if args.quick else 8192)
@@ -292,7 +301,7 @@ def main() -> None:
             Config("callback defaults (D=10, k=64, m=1)" if not args.quick else "callback (k=16)", gpt_cb),
             Config("  same, before (per-vector/per-sample loops)", gpt_cb, batched=False),
         ]
-        rows += run_task(transformer_task(epochs, num_train), configs, repeats)
+        rows += run_task(transformer_task(epochs, num_train), configs, repeats, args.only)
 
     print("\nBreakdown: median callback milliseconds per probe (validation epoch).")
     print(
