@@ -26,7 +26,7 @@ Configurations (the first is the headline; each ratio is against the baseline fi
 
 A script, not a test::
 
-    PYTHONPATH=. python tests/benchmarks/overhead.py             # ~5 minutes on 2 shared CPU cores
+    PYTHONPATH=. python tests/benchmarks/overhead.py             # ~7 minutes on 2 shared CPU cores
     PYTHONPATH=. python tests/benchmarks/overhead.py --quick     # smoke run, a few seconds
     PYTHONPATH=. python tests/benchmarks/overhead.py --tasks quickstart --only "(D=10, k=64" --threads 1
 """
