@@ -36,7 +36,8 @@ from lightning_curvprobe.functional.hvp import (
     _check_loss,
     _probe_mode,
 )
-from lightning_curvprobe.functional.lanczos import EigenResult, top_eigenpairs
+from lightning_curvprobe.functional.lanczos import EigenResult
+from lightning_curvprobe.functional.probe import _eigensolve
 from lightning_curvprobe.metric import CurvatureStability
 
 Estimator = Literal["gaussian_moment", "quadratic_mc", "direct_mc"]
@@ -318,23 +319,18 @@ class CurvatureStabilityCallback(Callback):
                         warm = prev.to(device=fn.device, dtype=fn.dtype)
                     else:  # stays where it is kept: the solver moves it one column at a time
                         warm = prev.to(dtype=fn.dtype)
-
-                    def solve() -> EigenResult:
-                        with _probe_mode(pl_module):  # once for all products (each product's own is then cheap)
-                            return top_eigenpairs(
-                                op.matvec,
-                                fn.num_params,
-                                self.num_eigenvectors,
-                                tol=self.tol,
-                                max_basis=self.max_basis,
-                                warm_start=warm,
-                                generator=self._generator,
-                                dtype=fn.dtype,
-                                device=fn.device,
-                                basis_device=self.basis_device,
-                            )
-
-                    eig = self._call_user(solve, "the base samples (eigensolver)")
+                    eig = self._call_user(
+                        lambda: _eigensolve(
+                            op,
+                            self.num_eigenvectors,
+                            tol=self.tol,
+                            max_basis=self.max_basis,
+                            warm_start=warm,
+                            generator=self._generator,
+                            basis_device=self.basis_device,
+                        ),
+                        "the base samples (eigensolver)",
+                    )
                     hvps = eig.hvps
                     self.last_result = eig
                     if not eig.converged:

@@ -6,7 +6,7 @@ runs ``Trainer.fit`` with the same seed without the callback and with it, interl
 process, and prints the median ratio of fit wall times and a breakdown of the callback's own time:
 
 - ``base graph``: the base set's loss, gradient and gradient graph (``HessianOperator``), once per probe;
-- ``eigensolve``: ``top_eigenpairs`` (warm-started Lanczos), on refresh epochs;
+- ``eigensolve``: ``top_eigenpairs`` (warm-started Lanczos, run by ``probe._eigensolve``), on refresh epochs;
 - ``coefficients``: ``CurvatureStability.update`` — the added samples' loss, projected gradient and projected
   Hessian (``m · D`` products) and the Monte Carlo forward passes;
 - ``estimator``: ``CurvatureStability.compute``;
@@ -103,7 +103,7 @@ def install_timers() -> None:
         TIMERS.hvps += int(getattr(eig, "hvps", 0))
 
     TIMERS.wrap(cbm, "HessianOperator", "base graph")
-    TIMERS.wrap(cbm, "top_eigenpairs", "eigensolve", count)
+    TIMERS.wrap(cbm, "_eigensolve", "eigensolve", count)
     TIMERS.wrap(CurvatureStability, "update", "coefficients")
     TIMERS.wrap(CurvatureStability, "compute", "estimator")
     TIMERS.wrap(CurvatureStabilityCallback, "_log", "logging")
