@@ -65,10 +65,10 @@ def _probe_mode(model: nn.Module) -> Iterator[None]:
     active: dict[int, list[str]] = _PROBE_STATE.__dict__.setdefault("active", {})
     key = id(model)
     nested = key in active
-    flags = [] if nested else [(m, m.training) for m in model.modules()]
     if nested:
-        device_types = active[key]
+        flags, device_types = [], active[key]
     else:
+        flags = [(m, m.training) for m in model.modules()]
         device_types = active[key] = sorted({p.device.type for p in model.parameters()} | {"cpu"})
     try:
         if not nested:

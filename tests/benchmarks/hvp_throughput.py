@@ -37,6 +37,7 @@ os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -134,9 +135,7 @@ def bench_case(
 
     def cold(one_mode: bool) -> Any:
         gen = torch.Generator().manual_seed(1)
-        if not one_mode:
-            return top_eigenpairs(op_batch.matvec, N, D, tol=1e-3, dtype=fn.dtype, generator=gen)
-        with _probe_mode(fn.model):
+        with _probe_mode(fn.model) if one_mode else contextlib.nullcontext():
             return top_eigenpairs(op_batch.matvec, N, D, tol=1e-3, dtype=fn.dtype, generator=gen)
 
     measures: list[tuple[str, str, int, Callable[[], Any], Callable[[], Any], Callable[[Any], Tensor]]] = [
