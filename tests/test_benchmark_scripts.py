@@ -26,6 +26,7 @@ SCRIPTS = {
     "overhead": ["overhead.py", "--quick"],
     "hvp_throughput": ["hvp_throughput.py", "--quick"],
     "memory": ["memory.py", "--quick"],
+    "refresh_sequence": ["refresh_sequence.py", "--quick"],
 }
 TIMEOUT_S = 120
 
@@ -86,6 +87,22 @@ def test_hvp_throughput_quick(script_runs):
 
 def test_memory_quick(script_runs):
     _check(script_runs, "memory", "| refresh cold |", "excess / (N·4 B)", "save_subspace=False")
+
+
+def test_refresh_sequence_quick(script_runs):
+    text = _check(script_runs, "refresh_sequence", "| warm, b=1 (callback default) |", "| cold, b=13 |",
+                  "| warm as a block, b=13 |", "One training step")
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 7 and cells[1].isdigit():
+            rows[cells[0]] = (int(cells[1]), int(cells[3]))  # HVPs, product calls
+    assert len(rows) == 8, text[-3000:]
+    for label, (hvps, calls) in rows.items():
+        if label.endswith("b=1") or "b=1 " in label:  # one vector per call, except the warm block's first product
+            assert calls == hvps if "as a block" not in label else calls < hvps, (label, hvps, calls)
+        else:
+            assert calls < hvps, (label, hvps, calls)
 
 
 # ------------------------------------------------------------------------------------------ batched products

@@ -320,9 +320,10 @@ def top_eigenpairs(
             width of a moved warm start's Krylov block. ``1`` (default) is plain Lanczos, the fewest products; a
             larger block needs more products in all (and a larger default basis) but fewer sequential calls, which
             pays only when one batched product of ``b`` vectors costs much less than ``b`` single ones. Measured on
-            the quickstart's 5k-parameter MLP (a block of 4 costs 1.3 single products): D = 10, tol 1e-3, cold 65
-            products / 251 ms at ``b = 1`` against 92 / 189 ms at ``b = 4``, but warm after an epoch 37 / 138 ms
-            against 80 / 175 ms; so the default stays 1.
+            the quickstart's 5k-parameter MLP at the callback's cadence (``tests/benchmarks/refresh_sequence.py``, 12
+            warm refreshes one epoch apart, D = 10, tol 1e-3, 2 CPU threads): ``b = 4`` and ``b = 13`` take 0.95-1.01
+            and 0.83-0.86 of the time of ``b = 1`` for 1.6 and 2.0 times the products; where a batched product costs
+            about ``b`` single ones (large models) they cost 1.6-2 times as much, so the default stays 1.
         max_hvps: stop (``converged=False``) after this many products; default ``max(500, 60 (k + p))``.
         generator: source of the random start vectors (the global RNG is never used); default a generator seeded 0.
         dtype: dtype of the basis.
