@@ -23,6 +23,7 @@ A script, not a test::
 
     PYTHONPATH=. python tests/benchmarks/refresh_sequence.py            # ~2 minutes on 2 shared CPU cores
     PYTHONPATH=. python tests/benchmarks/refresh_sequence.py --quick    # smoke run, a few seconds
+    PYTHONPATH=. python tests/benchmarks/refresh_sequence.py --device cuda   # the same on a GPU
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -53,6 +55,10 @@ D = 10
 TOL = 1e-3
 K = 64
 BATCH = 64
+
+
+def _sync() -> None:
+    """Waits for the device (set to ``torch.cuda.synchronize`` with ``--device cuda``); nothing to wait for on CPU."""
 
 
 @dataclass
@@ -77,8 +83,10 @@ class CountingOperator:
         self.seconds = 0.0
 
     def matvec(self, v: Tensor) -> Tensor:
+        _sync()
         t0 = time.perf_counter()
         out = self._matvec(v)
+        _sync()
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         return out
@@ -94,9 +102,11 @@ def solve(op: HessianOperator, cfg: Config, repeats: int) -> tuple[Any, float, i
         for _ in range(repeats):
             counting = CountingOperator(op)
             op.matvec = counting.matvec  # type: ignore[method-assign]  # probe._eigensolve calls op.matvec
+            _sync()
             t0 = time.perf_counter()
             res = probe._eigensolve(op, D, tol=TOL, block_size=cfg.block_size,
                                     warm_start=cfg.prev if cfg.warm else None)
+            _sync()
             times.append(time.perf_counter() - t0)
             del op.matvec
     finally:
@@ -110,32 +120,39 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=2, help="refreshes left out of the sums (the first epochs)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
+    parser.add_argument("--device", default="cpu", help="e.g. cuda: model, data and basis there (default cpu)")
     parser.add_argument("--quick", action="store_true", help="3 epochs, 1 repeat, no skip")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.repeats, args.skip = 3, 1, 0
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        global _sync
+        _sync = functools.partial(torch.cuda.synchronize, device)
     t_start = time.perf_counter()
 
     qs = _models.quickstart_module()
     torch.manual_seed(0)
     module = qs.Regressor()
-    net = module.net
+    net = module.net.to(device)
     train, _ = qs.make_data()
-    x, y = train.tensors
+    x, y = (t.to(device) for t in train.tensors)
     gen = torch.Generator().manual_seed(1)
-    base = tuple(t[torch.randperm(len(x), generator=gen)[:K]] for t in (x, y))
+    base = tuple(t[torch.randperm(len(x), generator=gen)[:K].to(device)] for t in (x, y))
     fn = ModelFunction(net, lambda model, batch: F.mse_loss(model(batch[0]), batch[1]))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     step_times: list[float] = []
 
     def epoch() -> None:
         net.train()
-        for idx in torch.randperm(len(x), generator=gen).split(BATCH):
+        for idx in torch.randperm(len(x), generator=gen).to(device).split(BATCH):
+            _sync()
             t0 = time.perf_counter()
             opt.zero_grad()
             F.mse_loss(net(x[idx]), y[idx]).backward()
             opt.step()
+            _sync()
             step_times.append(time.perf_counter() - t0)
 
     configs = [
@@ -149,7 +166,8 @@ def main() -> None:
         Config("warm as a block, b=13", 13, True, as_block=True),
     ]
     steps_per_epoch = -(-len(x) // BATCH)
-    print(f"torch {torch.__version__}, {args.threads} threads; quickstart MLP, N = {fn.num_params}, k = {K}, D = {D}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
+    print(f"torch {torch.__version__}, {where}; quickstart MLP, N = {fn.num_params}, k = {K}, D = {D}, "
           f"tol {TOL:g}; {steps_per_epoch} Adam steps per epoch, {args.epochs} epochs, {args.repeats} repeats")
     print("\nHVPs per refresh (overlap: ‖U_prevᵀU‖²/D of the default configuration's consecutive subspaces)")
     print("epoch  overlap  " + "  ".join(f"{c.label.split(' (')[0]:>21s}" for c in configs))
