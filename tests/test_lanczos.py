@@ -575,3 +575,88 @@ def test_orthonormalise_in_row_blocks_equals_whole(monkeypatch):
         torch.testing.assert_close(basis.columns(0, r), whole, rtol=0, atol=1e-13)
         assert not basis.columns(r, 9).any()  # the dropped and unused columns are zero
         assert _orth_error(whole) <= 1e-14
+
+
+# ------------------------------------------------------------------------ reorthogonalisation (DGKS second pass)
+
+
+def _counting_inner(monkeypatch):
+    """Counts the passes over the basis (calls of ``_Basis.inner``)."""
+    from lightning_curvprobe.functional import lanczos
+
+    calls = []
+    inner = lanczos._Basis.inner
+
+    def counted(self, lo, hi, X):
+        calls.append(hi - lo)
+        return inner(self, lo, hi, X)
+
+    monkeypatch.setattr(lanczos._Basis, "inner", counted)
+    return calls
+
+
+def test_gram_schmidt_second_pass_only_when_the_first_lost_half_the_norm(monkeypatch):
+    """One pass when the vector keeps its norm; two when it nearly lies in the span, which one pass leaves far from
+    orthogonal (rounding ``eps·‖x‖ / ‖remainder‖``) and two passes make orthogonal to working precision."""
+    from lightning_curvprobe.functional import lanczos
+
+    g = torch.Generator().manual_seed(11)
+    n, m = 500, 6
+    Q, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=DT))
+    basis = lanczos._Basis(n, m + 1, DT, torch.device("cpu"))
+    basis.blocks[0][:, :m] = Q
+    basis.size = m
+    calls = _counting_inner(monkeypatch)
+
+    def orth(x):  # |Qᵀ x| / ‖x‖
+        return float((Q.T @ x).abs().max() / x.norm())
+
+    far = torch.randn(n, 1, generator=g, dtype=DT)
+    x = far.clone()
+    coef = basis.project_out_(x, m)
+    assert len(calls) == 1  # ‖x‖ kept ≥ 1/√2 of its norm: no second pass
+    torch.testing.assert_close(coef, Q.T @ far, rtol=1e-14, atol=1e-14)
+    assert orth(x) <= 1e-15
+
+    near = Q @ torch.randn(m, 1, generator=g, dtype=DT) + 1e-10 * far  # remainder 1e-10 of the vector
+    for second in (True, False):
+        calls.clear()
+        if not second:
+            monkeypatch.setattr(lanczos, "_DGKS", 0.0)  # never a second pass
+        x = near.clone()
+        coef = basis.project_out_(x, m)
+        assert len(calls) == (2 if second else 1)
+        if second:
+            assert orth(x) <= 1e-14
+            torch.testing.assert_close(coef, Q.T @ near, rtol=1e-14, atol=1e-14)
+        else:
+            assert orth(x) >= 1e-9  # what the second pass is for
+    calls.clear()
+    monkeypatch.setattr(lanczos, "_ALWAYS_TWICE", True)
+    basis.project_out_(far.clone(), m)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("k, max_basis", [(5, None), (5, 16), (20, None)])
+def test_skipped_second_passes_change_no_product(model_hessian, monkeypatch, k, max_basis):
+    """The solver with the DGKS rule against two passes always: the same products, pairs to rounding, and fewer
+    passes over the basis."""
+    from lightning_curvprobe.functional import lanczos
+
+    _, _, H, eig = model_hessian
+    n, tol = H.shape[0], 1e-10
+    calls = _counting_inner(monkeypatch)
+    runs, passes = {}, {}
+    for always in (True, False):
+        monkeypatch.setattr(lanczos, "_ALWAYS_TWICE", always)
+        calls.clear()
+        runs[always] = top_eigenpairs(Counter(H), n, k, tol=tol, max_basis=max_basis)
+        passes[always] = len(calls)
+    twice, dgks = runs[True], runs[False]
+    # rounding-level differences could move a convergence test by one step on another machine's BLAS
+    assert dgks.converged and abs(dgks.hvps - twice.hvps) <= 1
+    check_pairs(H, dgks, k, tol, eig=eig)
+    torch.testing.assert_close(dgks.eigenvalues, twice.eigenvalues, rtol=0, atol=1e-13)
+    torch.testing.assert_close(dgks.eigenvectors, twice.eigenvectors, rtol=0, atol=1e-9)
+    assert _orth_error(dgks.basis) <= 1e-13
+    assert passes[False] < passes[True]
