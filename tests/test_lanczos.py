@@ -638,7 +638,7 @@ def test_gram_schmidt_second_pass_only_when_the_first_lost_half_the_norm(monkeyp
 
 
 @pytest.mark.parametrize("k, max_basis", [(5, None), (5, 16), (20, None)])
-def test_skipped_second_passes_change_no_product(model_hessian, monkeypatch, k, max_basis):
+def test_skipped_second_passes_keep_products_and_pairs(model_hessian, monkeypatch, k, max_basis):
     """The solver with the DGKS rule against two passes always: the same products, pairs to rounding, and fewer
     passes over the basis."""
     from lightning_curvprobe.functional import lanczos
