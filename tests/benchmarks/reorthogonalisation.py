@@ -10,9 +10,8 @@ achieved residual ``max_i ‖H u_i − ρ_i u_i‖ / max_i |ρ_i|`` (recomputed 
 
 Models (float32, 2 CPU threads): the quickstart MLP at the callback's settings (k = 64 probe samples, D = 10, the
 callback's ``tol`` 1e-3), the overhead benchmark's 110k-parameter transformer (D = 10), and with ``--mid`` a
-0.94M-parameter transformer at the paper's D = 45 (``gpu_paper_scale.py``'s model at vocabulary 512, d = 128, 4 layers,
-128 tokens, k = 8, 50 Adam steps), where the basis (124 · N floats) is large enough for its passes to cost as much as
-the products on a CPU.
+0.94M-parameter transformer at the paper's D = 45 (the model and base set of ``gpu_paper_scale.py --mid``), where
+the basis (124 · N floats) is large enough for its passes to cost as much as the products on a CPU.
 
 A script, not a test::
 
@@ -32,7 +31,6 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -41,6 +39,7 @@ from torch import Tensor  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _models  # noqa: E402
+import gpu_paper_scale  # noqa: E402
 
 from lightning_curvprobe.functional import lanczos  # noqa: E402
 from lightning_curvprobe.functional.hvp import HessianOperator, ModelFunction  # noqa: E402
@@ -64,15 +63,11 @@ def quickstart_operator() -> tuple[str, HessianOperator, int]:
 
 
 def gpt_operator(cfg: tuple[int, ...], k: int, steps: int, D: int) -> tuple[str, HessianOperator, int]:
+    """The base set's operator after ``steps`` Adam steps, built as ``gpu_paper_scale.py`` builds it (seed 0, m = 1)."""
     model = _models.make_gpt(cfg, seed=0)
-    pool = _models.markov_tokens(max(256, 8 * k) + k, cfg[5] + 1, cfg[0], seed=3)
-    base, train = pool[:k], pool[k:]
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        opt.zero_grad()
-        _models.lm_loss(model, train[torch.randint(len(train), (k,), generator=g)]).backward()
-        opt.step()
+    pool = _models.markov_tokens(max(256, 8 * k) + k + 1, cfg[5] + 1, cfg[0], seed=3)
+    base, train = pool[:k], pool[k + 1 :]
+    gpu_paper_scale.train(model, torch.optim.Adam(model.parameters(), lr=3e-4), train, steps, k, 0)
     fn = ModelFunction(model, _models.lm_loss)
     name = f"GPT {fn.num_params / 1e6:.2f}M, D = {D}"
     return name, HessianOperator(fn, base, where="the base sequences"), D
@@ -107,12 +102,11 @@ def compare(name: str, op: HessianOperator, D: int, repeats: int, passes: list[i
             runs[always].append(res)
             counted[always] = (len(passes), sum(passes))
     lanczos._ALWAYS_TWICE = False
-    matvec: Callable[[Tensor], Tensor] = op.matvec
     lines = []
     base = statistics.median(times[True])
     for always, label in ((True, "second pass always"), (False, "DGKS (default)")):
         res = runs[always][-1]
-        achieved, _ = _models.achieved_residual(matvec, res.eigenvectors)
+        achieved, _ = _models.achieved_residual(op.matvec, res.eigenvectors)
         U = res.eigenvectors.double()
         orth = float((U.T @ U - torch.eye(U.shape[1], dtype=torch.float64)).abs().max())
         diff = float((res.eigenvalues - runs[True][-1].eigenvalues).abs().max() / res.eigenvalues[0].abs())
@@ -142,8 +136,10 @@ def main() -> None:
         cases = [(quickstart_operator, 1), (lambda: gpt_operator(_models.GPT_SIZES["tiny"], 8, 5, 5), 1)]
     else:
         cases.append((lambda: gpt_operator(_models.GPT_SIZES["small"], 16, 30, 10), args.repeats))
-        if args.mid:
-            cases.append((lambda: gpt_operator((512, 128, 4, 4, 512, 128), 8, 50, 45), 1))
+        if args.mid:  # gpu_paper_scale.py --mid's model and base set
+            mid = gpu_paper_scale.MID
+            cfg = tuple(mid[key] for key in ("vocab", "d", "layers", "heads", "d_ff", "seq_len"))
+            cases.append((lambda: gpt_operator(cfg, mid["k"], mid["pretrain_steps"], mid["D"]), 1))
     for build, repeats in cases:
         name, op, D = build()
         for line in compare(name, op, D, repeats, passes):
