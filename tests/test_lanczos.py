@@ -660,3 +660,76 @@ def test_skipped_second_passes_keep_products_and_pairs(model_hessian, monkeypatc
     torch.testing.assert_close(dgks.eigenvectors, twice.eigenvectors, rtol=0, atol=1e-9)
     assert _orth_error(dgks.basis) <= 1e-13
     assert passes[False] < passes[True]
+
+
+@pytest.mark.parametrize(
+    "case", ["cold", "cold, restarts", "warm, moved", "warm, kept", "block 3", "max_hvps", "breakdown"]
+)
+def test_ritz_pairs_skipped_between_steps_change_nothing(model_hessian, monkeypatch, case):
+    """The Ritz step left out where no decision needs it (plain Lanczos steps before k + p vectors are done): the same
+    products, bit-identical pairs and basis, and fewer dense eigensolves of the projected matrix."""
+    from lightning_curvprobe.functional import lanczos
+
+    _, _, H, _ = model_hessian
+    n, k, tol = H.shape[0], 5, 1e-10
+    prev = top_eigenpairs(Counter(H), n, k, tol=tol).basis
+    A, kwargs = H, {}
+    if case == "cold, restarts":
+        kwargs = {"max_basis": 14}
+    elif case == "warm, moved":
+        A, kwargs = _perturbed(H, 1e-2), {"warm_start": prev}
+    elif case == "warm, kept":
+        A, kwargs = _perturbed(H, 1e-12), {"warm_start": prev}
+    elif case == "block 3":
+        kwargs = {"block_size": 3}
+    elif case == "max_hvps":  # a budget below k + p: the stop comes before any convergence test
+        kwargs = {"max_hvps": 4}
+    elif case == "breakdown":  # rank 3: Lanczos meets an invariant subspace and continues from random vectors
+        A = sym_with_spectrum([3.0, 2.0, 1.0] + [0.0] * 57, seed=5)
+        n, k = 60, 4
+    calls = []
+    eigh = torch.linalg.eigh
+
+    def counting_eigh(M, *args, **kw):
+        calls.append(M.shape[0])
+        return eigh(M, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", counting_eigh)
+    runs, solves = {}, {}
+    for every in (True, False):
+        monkeypatch.setattr(lanczos, "_RITZ_EVERY_STEP", every)
+        calls.clear()
+        runs[every] = top_eigenpairs(Counter(A), n, k, tol=tol, **kwargs)
+        solves[every] = len(calls)
+    every, skipped = runs[True], runs[False]
+    assert (skipped.hvps, skipped.restarts, skipped.converged) == (every.hvps, every.restarts, every.converged)
+    for name in ("eigenvalues", "residuals", "basis"):
+        assert torch.equal(getattr(skipped, name), getattr(every, name)), name
+    # a kept warm start and block steps have pending blocks, which the Ritz pairs rotate: nothing to leave out there
+    assert solves[False] <= solves[True] if case in ("warm, kept", "block 3") else solves[False] < solves[True]
+    if case == "max_hvps":
+        assert not skipped.converged and skipped.hvps == 4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("at", [1, 4, 30])
+def test_non_finite_product_raises(bad, at):
+    """A NaN or inf in any product (the first, one before the convergence tests start, a later one) stops the solver
+    with NonFiniteProbeError; a finite product whose norm overflows float32 is not mistaken for one."""
+    from lightning_curvprobe.functional.hvp import NonFiniteProbeError
+
+    A = sym_with_spectrum(torch.linspace(1.0, 2.0, 60, dtype=DT), seed=2)
+    count = 0
+
+    def mv(v):
+        nonlocal count
+        count += v.shape[1]
+        out = A @ v
+        if count >= at:
+            out[7, 0] = bad
+        return out
+
+    with pytest.raises(NonFiniteProbeError, match="non-finite Hessian-vector product"):
+        top_eigenpairs(mv, 60, 5, tol=1e-10, max_hvps=200)
+    huge = top_eigenpairs(lambda v: 1e30 * (A.float() @ v), 60, 2, tol=1e-3, dtype=torch.float32, max_hvps=40)
+    assert huge.hvps > 0  # it ran (float32 norms of 1e30-sized entries overflow to inf; the entries are finite)

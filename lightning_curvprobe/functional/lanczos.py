@@ -61,6 +61,7 @@ _BASIS_BLOCKS = 16  # the basis is held in up to this many row blocks (see _Basi
 # (relative to its norm) when its norm is still at least this fraction of the norm before; otherwise a second pass.
 _DGKS = 1 / math.sqrt(2)
 _ALWAYS_TWICE = False  # True: the second pass every time (the benchmarks compare both)
+_RITZ_EVERY_STEP = False  # True: the Ritz pairs at every step, also where no decision needs them (tests compare)
 
 
 @dataclass
@@ -495,7 +496,11 @@ def top_eigenpairs(
     converged = False
     scale = 1.0
     while True:
-        if nd > 0:
+        # The Ritz pairs serve the convergence test (from kt done vectors on), the rotation of a pending block, the
+        # stops and the restarts (which need a full basis, cap >= kt + 2, so nd >= kt with one pending vector). Between
+        # plain Lanczos steps before that they are not computed: the same iterations with fewer small dense
+        # eigensolves, each a LAPACK call that wakes every thread.
+        if nd > 0 and (_RITZ_EVERY_STEP or nd >= kt or npend != 1 or hvps >= max_hvps):
             evals, evecs = torch.linalg.eigh(T)
             theta, S = evals.flip(0), evecs.flip(1)
             res = (C @ S).norm(dim=0) if npend > 0 else torch.zeros_like(theta)
@@ -554,11 +559,12 @@ def top_eigenpairs(
             else:
                 W = apply(basis.columns(nd + lo, nd + hi), owned=True)
                 hvps += hi - lo
-            if not torch.isfinite(W).all():
+            wnorms = W.norm(dim=0)
+            # NaN and inf propagate into the norms: only a non-finite norm (or an overflowing one) needs the full check
+            if not bool(torch.isfinite(wnorms).all()) and not bool(torch.isfinite(W).all()):
                 from lightning_curvprobe.functional.hvp import NonFiniteProbeError
 
                 raise NonFiniteProbeError("the eigensolver met a non-finite Hessian-vector product.")
-            wnorms = W.norm(dim=0)
             coef[:, lo:hi] = basis.project_out_(W, nb, wnorms).to(small)
             remainders = [(W[:, i : i + 1], float(wnorms[i])) for i in range(hi - lo)]
             # orthonormalise the remainders (already orthogonal to the basis) among themselves
