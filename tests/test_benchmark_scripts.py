@@ -79,7 +79,13 @@ def test_gpu_paper_scale_tiny_runs_on_cpu(script_runs):
 
 
 def test_overhead_quick(script_runs):
-    _check(script_runs, "overhead", "| quickstart |", "| transformer", "eigensolve", "coefficients", "logging")
+    text = _check(script_runs, "overhead", "| quickstart |", "| transformer", "eigensolve", "coefficients", "logging",
+                  "lower bound on the ratio")
+    floors = [line for line in text.splitlines() if line.startswith("| ") and "steps) |" in line]
+    assert len(floors) == 2, text[-3000:]  # one floor row per task
+    for line in floors:
+        bound = float(line.split("**")[1])
+        assert 1.0 < bound < 10.0, line
 
 
 def test_hvp_throughput_quick(script_runs):
