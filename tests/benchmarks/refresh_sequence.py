@@ -24,6 +24,7 @@ A script, not a test::
     PYTHONPATH=. python tests/benchmarks/refresh_sequence.py            # ~2 minutes on 2 shared CPU cores
     PYTHONPATH=. python tests/benchmarks/refresh_sequence.py --quick    # smoke run, a few seconds
     PYTHONPATH=. python tests/benchmarks/refresh_sequence.py --device cuda   # the same on a GPU
+    PYTHONPATH=. python tests/benchmarks/refresh_sequence.py --compare-solver old_lanczos.py   # another solver too
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import importlib.util  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -49,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _models  # noqa: E402
 
 from lightning_curvprobe.functional import lanczos, probe  # noqa: E402
-from lightning_curvprobe.functional.hvp import HessianOperator, ModelFunction  # noqa: E402
+from lightning_curvprobe.functional.hvp import HessianOperator, ModelFunction, _probe_mode  # noqa: E402
 
 D = 10
 TOL = 1e-3
@@ -72,6 +74,8 @@ class Config:
     calls: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     product_times: list[float] = field(default_factory=list)
+    solver: Any = None  # another lanczos module (--compare-solver); None: the package's
+    identical: list[bool] = field(default_factory=list)  # with a solver: its result equal to the default's, bit for bit
 
 
 class CountingOperator:
@@ -92,6 +96,19 @@ class CountingOperator:
         return out
 
 
+_COMPARED = ("eigenvalues", "residuals", "basis")
+
+
+def _load_solver(path: str) -> Any:
+    """Another version of ``lightning_curvprobe/functional/lanczos.py`` as a module of its own."""
+    spec = importlib.util.spec_from_file_location("compared_lanczos", os.path.abspath(path))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def solve(op: HessianOperator, cfg: Config, repeats: int) -> tuple[Any, float, int, float]:
     """Median seconds of ``repeats`` solves, and the last result, product calls and product seconds."""
     saved = lanczos._BLOCK_WARM_FACTOR
@@ -104,8 +121,13 @@ def solve(op: HessianOperator, cfg: Config, repeats: int) -> tuple[Any, float, i
             op.matvec = counting.matvec  # type: ignore[method-assign]  # probe._eigensolve calls op.matvec
             _sync()
             t0 = time.perf_counter()
-            res = probe._eigensolve(op, D, tol=TOL, block_size=cfg.block_size,
-                                    warm_start=cfg.prev if cfg.warm else None)
+            kwargs = dict(tol=TOL, block_size=cfg.block_size, warm_start=cfg.prev if cfg.warm else None)
+            if cfg.solver is None:
+                res = probe._eigensolve(op, D, **kwargs)
+            else:  # as probe._eigensolve does, with the other module's solver
+                with _probe_mode(op.fn.model):
+                    res = cfg.solver.top_eigenpairs(op.matvec, op.dim, D, dtype=op.fn.dtype, device=op.fn.device,
+                                                    **kwargs)
             _sync()
             times.append(time.perf_counter() - t0)
             del op.matvec
@@ -122,6 +144,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
     parser.add_argument("--device", default="cpu", help="e.g. cuda: model, data and basis there (default cpu)")
     parser.add_argument("--quick", action="store_true", help="3 epochs, 1 repeat, no skip")
+    parser.add_argument("--compare-solver", default=None, help="path of another lanczos.py (e.g. `git show "
+                        "REV:lightning_curvprobe/functional/lanczos.py > old.py`): the default configuration with "
+                        "its solver runs side by side, and its results are compared bit for bit")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.repeats, args.skip = 3, 1, 0
@@ -165,6 +190,8 @@ def main() -> None:
         Config("warm as a block, b=1", 1, True, as_block=True),
         Config("warm as a block, b=13", 13, True, as_block=True),
     ]
+    if args.compare_solver:
+        configs.insert(1, Config("warm, b=1, compared solver", 1, True, solver=_load_solver(args.compare_solver)))
     steps_per_epoch = -(-len(x) // BATCH)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
     print(f"torch {torch.__version__}, {where}; quickstart MLP, N = {fn.num_params}, k = {K}, D = {D}, "
@@ -179,6 +206,11 @@ def main() -> None:
             res, seconds, calls, product_s = solve(op, c, args.repeats)
             if c is configs[0] and c.prev is not None:
                 overlap = float((c.prev[:, :D].T @ res.eigenvectors).pow(2).sum()) / D
+            if c is configs[0]:
+                default = res
+            elif c.solver is not None:
+                c.identical.append(all(torch.equal(getattr(res, a), getattr(default, a)) for a in _COMPARED)
+                                   and res.hvps == default.hvps)
             c.prev = res.basis
             line.append(f"{res.hvps:4d} HVPs {seconds * 1e3:6.1f} ms")
             if e >= args.skip:
@@ -197,6 +229,10 @@ def main() -> None:
         t = sum(c.times)
         print(f"| {c.label} | {sum(c.hvps)} | {sum(c.hvps) / max(1, len(c.hvps)):.1f} | {sum(c.calls)} | "
               f"{t * 1e3:.0f} | {t / ref_time:.2f} | {sum(c.product_times) / t:.0%} |")
+    for c in configs:
+        if c.solver is not None:
+            print(f"\n{c.label}: results bit-identical to the default's (products, eigenvalues, residuals, basis) at "
+                  f"{sum(c.identical)} of {len(c.identical)} refreshes.")
     step = statistics.median(step_times)
     refresh = statistics.median(configs[0].times)
     epoch_s = steps_per_epoch * step
