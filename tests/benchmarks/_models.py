@@ -40,18 +40,21 @@ def quickstart_module() -> Any:
 # ------------------------------------------------------------------------------------------------------ transformer
 
 
-def _paper_helpers() -> Any:
-    """``examples/paper_reproduction/_helpers.py`` (loaded by path: its folder shares the example script's name)."""
-    name = "paper_reproduction_helpers"
+def load_module(name: str, path: str) -> Any:
+    """The Python file ``path`` as the module ``name`` (once; registered first, as its dataclasses look it up)."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, os.path.join(ROOT, "examples", "paper_reproduction", "_helpers.py")
-        )
+        spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def _paper_helpers() -> Any:
+    """``examples/paper_reproduction/_helpers.py`` (loaded by path: its folder shares the example script's name)."""
+    path = os.path.join(ROOT, "examples", "paper_reproduction", "_helpers.py")
+    return load_module("paper_reproduction_helpers", path)
 
 
 #: the example's transformer (pre-LN blocks with hand-written causal attention, learned positions, untied head)

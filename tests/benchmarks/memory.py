@@ -84,13 +84,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     if args.solver:  # another version of lanczos.py (e.g. from git history), for a side-by-side comparison
-        import importlib.util  # noqa: PLC0415
-
-        spec = importlib.util.spec_from_file_location("lanczos_compared", args.solver)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules["lanczos_compared"] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        top_eigenpairs = module.top_eigenpairs  # noqa: F811
+        top_eigenpairs = _models.load_module("lanczos_compared", args.solver).top_eigenpairs  # noqa: F811
     warm = None
     if args.warm:
         warm = torch.load(args.warm)

@@ -36,7 +36,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import importlib.util  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -97,16 +96,6 @@ class CountingOperator:
 
 
 _COMPARED = ("eigenvalues", "residuals", "basis")
-
-
-def _load_solver(path: str) -> Any:
-    """Another version of ``lightning_curvprobe/functional/lanczos.py`` as a module of its own."""
-    spec = importlib.util.spec_from_file_location("compared_lanczos", os.path.abspath(path))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def solve(op: HessianOperator, cfg: Config, repeats: int) -> tuple[Any, float, int, float]:
@@ -191,7 +180,8 @@ def main() -> None:
         Config("warm as a block, b=13", 13, True, as_block=True),
     ]
     if args.compare_solver:
-        configs.insert(1, Config("warm, b=1, compared solver", 1, True, solver=_load_solver(args.compare_solver)))
+        other = _models.load_module("lanczos_compared", args.compare_solver)
+        configs.insert(1, Config("warm, b=1, compared solver", 1, True, solver=other))
     steps_per_epoch = -(-len(x) // BATCH)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
     print(f"torch {torch.__version__}, {where}; quickstart MLP, N = {fn.num_params}, k = {K}, D = {D}, "
