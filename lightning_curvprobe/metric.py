@@ -118,16 +118,27 @@ class CurvatureStability(Metric):
         self.add_state("added_draw_loss", [], dist_reduce_fx="cat")
         self._direct_z: Tensor | None = None
         self._qe_z: Tensor | None = None
+        self._quad_z: Tensor | None = None
+        self._keep_draws = False  # True inside forward(), whose internal reset() must keep the cycle's draws
         self.details: dict[str, Tensor] = {}
 
     def _draws(self, eigenvectors: Tensor) -> None:
-        """The probe draws of this accumulation cycle: drawn once, identical on every process."""
+        """The probe draws of this accumulation cycle: drawn once, identical on every process.
+
+        Direct Monte Carlo and quadratic-error points are needed in :meth:`update`; the quadratic Monte Carlo draws
+        only in :meth:`compute`, but are fixed here too, so that every ``compute`` of a cycle (and the batch values of
+        ``forward``) uses the same ones.
+        """
         if self._qe_z is None:
             S = self.num_samples if self.estimator == "direct_mc" else 0
             self._direct_z = _gaussian_draws(S, self.num_eigenvectors, self.sigma, self.generator, eigenvectors)
             self._qe_z = _gaussian_draws(
                 self.quadratic_error_samples, self.num_eigenvectors, self.sigma, self.generator, eigenvectors
             )
+            if self.estimator == "quadratic_mc":  # drawn last: the stream order of update-then-compute is kept
+                self._quad_z = _gaussian_draws(
+                    self.num_samples, self.num_eigenvectors, self.sigma, self.generator, eigenvectors
+                )
 
     def update(  # type: ignore[override]
         self,
@@ -149,13 +160,22 @@ class CurvatureStability(Metric):
             base_batch: this process's base samples (may be a shard of the global base set).
             added_batch: this process's added samples (may hold none).
             eigenvectors: ``U`` of shape ``(N, D)``, top-``D`` eigenvectors of the *global* base Hessian.
-            eigenvalues: their eigenvalues ``(D,)`` (the Rayleigh-Ritz values :math:`U^\\top H_k U`).
+            eigenvalues: their eigenvalues ``(D,)`` (the Rayleigh-Ritz values, :math:`U^\\top H_k U` is then
+                diagonal), or the projected global base Hessian :math:`U^\\top H_k U` itself as a ``(D, D)`` matrix
+                when ``U`` is not an eigenbasis at the current weights (e.g. a subspace kept from an earlier
+                refresh).
             base_loss: this process's mean loss on ``base_batch``, if already known (saves a pass).
             base_grad: its gradient (flat, length ``N``), if already known.
         """
         if eigenvectors.dim() != 2 or eigenvectors.shape[1] != self.num_eigenvectors:
             raise ValueError(
                 f"`eigenvectors` must have shape (N, {self.num_eigenvectors}), got {tuple(eigenvectors.shape)}."
+            )
+        D = self.num_eigenvectors
+        if tuple(eigenvalues.shape) not in ((D,), (D, D)):
+            raise ValueError(
+                f"`eigenvalues` must have shape ({D},) or ({D}, {D}) (the projected base Hessian U^T H_k U), got "
+                f"{tuple(eigenvalues.shape)}."
             )
         self._draws(eigenvectors)
         fn = ModelFunction(model, loss_fn)
@@ -199,16 +219,36 @@ class CurvatureStability(Metric):
             qe_model_sum=self.qe_model_sum,
         )
         out = _evaluate(
-            stats, sigma=self.sigma, estimator=self.estimator, num_samples=self.num_samples, generator=self.generator
+            stats,
+            sigma=self.sigma,
+            estimator=self.estimator,
+            num_samples=self.num_samples,
+            generator=self.generator,
+            quadratic_z=self._quad_z,
         )
         self.details = out
         return out["delta2"]
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``update`` plus the criterion of this call's samples alone (torchmetrics' ``forward``).
+
+        torchmetrics resets the metric inside ``forward`` to compute the batch value; the draws of the accumulation
+        cycle are kept through that reset, so that ``metric(...)`` and ``metric.update(...)`` accumulate the same
+        statistics.
+        """
+        self._keep_draws = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._keep_draws = False
+
     def reset(self) -> None:
         """Clear the statistics and the draws (the generator continues its stream)."""
         super().reset()
-        self._direct_z = None
-        self._qe_z = None
+        if not self._keep_draws:
+            self._direct_z = None
+            self._qe_z = None
+            self._quad_z = None
         self.details = {}
 
 

@@ -223,3 +223,66 @@ def test_update_rejects_eigenvectors_of_the_wrong_width(setup):
     U = setup["ref"].eigenvectors
     with pytest.raises(ValueError, match=r"`eigenvectors`.*\(N, 3\).*got \(58, 2\)"):
         metric.update(setup["model"], mse, setup["base"], setup["added"], U[:, :2], setup["ref"].eigenvalues[:2])
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_forward_accumulates_like_update(setup, estimator):
+    """``metric(...)`` (torchmetrics' forward: an internal reset, the batch value, states merged back) accumulates
+    exactly what ``update`` does, with the cycle's draws, and returns the value of its own samples alone."""
+    base, added = setup["base"], setup["added"]
+    U, lam = setup["ref"].eigenvectors, setup["ref"].eigenvalues
+    by_update, by_forward, alone = _metric(estimator), _metric(estimator), _metric(estimator)
+    batch_values = []
+    for lo, hi, alo, ahi in ((0, 7, 0, 3), (7, K, 3, M)):
+        _update(by_update, setup, _sl(base, lo, hi), _sl(added, alo, ahi))
+        batch_values.append(by_forward(setup["model"], mse, _sl(base, lo, hi), _sl(added, alo, ahi), U, lam))
+    _assert_close(_summary(by_forward), _summary(by_update), rel=1e-13)
+    _update(alone, setup, _sl(base, 0, 7), _sl(added, 0, 3))
+    assert float(batch_values[0]) == pytest.approx(float(alone.compute()), rel=1e-13, abs=0)
+
+
+@pytest.mark.parametrize("estimator", ["quadratic_mc", "gaussian_moment"])
+def test_projected_hessian_matrix_for_a_subspace_that_is_no_eigenbasis(setup, estimator):
+    """``eigenvalues`` may be ``UᵀH_kU`` as a (D, D) matrix (a kept subspace at moved weights). On a random
+    orthonormal ``U`` that matrix is far from diagonal; the result equals the dense float64 reference built from
+    explicit Hessians (rel 1e-10), and passing its diagonal only gives another number."""
+    from conftest import dense_grad_loss, dense_hessian
+
+    from lightning_curvprobe.functional import delta2_gaussian_moment, quadratic_surrogate
+    from lightning_curvprobe.functional.estimators import _gaussian_draws
+
+    model, base, added = setup["model"], setup["base"], setup["added"]
+    n = setup["ref"].eigenvectors.shape[0]
+    U, _ = torch.linalg.qr(torch.randn(n, D, generator=torch.Generator().manual_seed(3), dtype=DT))
+    Lk, gk = dense_grad_loss(model, mse, base)
+    P = U.T @ dense_hessian(model, mse, base) @ U
+    assert float((P - torch.diag(P.diagonal())).abs().max()) > 0.1 * float(P.diagonal().abs().max())
+    a, c, B = [], [], []
+    for j in range(M):
+        one = _sl(added, j, j + 1)
+        lj, gj = dense_grad_loss(model, mse, one)
+        a.append((lj - Lk) / (K + 1))
+        c.append(U.T @ (gj - gk) / (K + 1))
+        Bj = (U.T @ dense_hessian(model, mse, one) @ U - P) / (K + 1)
+        B.append(0.5 * (Bj + Bj.T))
+    a_t, c_t, B_t = torch.stack(a), torch.stack(c), torch.stack(B)
+    metric = _metric(estimator)
+    metric.update(model, mse, base, added, U, P)
+    got = float(metric.compute())
+    if estimator == "gaussian_moment":
+        want = delta2_gaussian_moment(a_t, c_t, B_t, SIGMA).mean()
+    else:  # the same draws: the metric's generator after the quadratic-error draws
+        g = torch.Generator().manual_seed(0)
+        _gaussian_draws(6, D, SIGMA, g, U)
+        z = _gaussian_draws(32, D, SIGMA, g, U)
+        want = quadratic_surrogate(a_t, c_t, B_t, z).pow(2).mean(-1).mean()
+    assert got == pytest.approx(float(want), rel=1e-10, abs=0)
+    diagonal_only = _metric(estimator)
+    diagonal_only.update(model, mse, base, added, U, P.diagonal())
+    assert abs(float(diagonal_only.compute()) - got) > 1e-6 * got
+
+
+def test_update_rejects_a_projected_hessian_of_the_wrong_shape(setup):
+    U = setup["ref"].eigenvectors
+    with pytest.raises(ValueError, match=r"`eigenvalues` must have shape \(3,\) or \(3, 3\).*got \(4,\)"):
+        _metric().update(setup["model"], mse, setup["base"], setup["added"], U, torch.ones(4, dtype=DT))

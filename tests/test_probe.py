@@ -417,6 +417,27 @@ def test_bad_losses(small):
     assert_untouched(model, before)
 
 
+@pytest.mark.parametrize(
+    ("estimator", "qe", "name"),
+    [("direct_mc", 0, "direct Monte Carlo"), ("gaussian_moment", 4, "quadratic-validity")],
+)
+def test_non_finite_loss_at_probe_points_raises(small, estimator, qe, name):
+    """Finite at ``w0`` (loss, gradient, HVPs) but not at points ``w0 + Uz`` the draws reach: raised, not NaN."""
+    model, base, added = small
+    before = snapshot(model)
+    limit = float(model.weight.detach().pow(2).sum()) + 1e-3
+
+    def barrier_loss(m, b):
+        return mse_loss(m, b) + 1e-3 * torch.log(limit - m.weight.pow(2).sum())
+
+    kw = dict(num_eigenvectors=2, sigma=0.5, estimator=estimator, num_samples=8, quadratic_error_samples=qe)
+    with pytest.raises(NonFiniteProbeError, match=rf"not finite at [1-9]\d* of the {name} probe points"):
+        probe_stability(model, barrier_loss, base, added, **kw)
+    assert_untouched(model, before)
+    ok = probe_stability(model, barrier_loss, base, added, **{**kw, "sigma": 1e-6})  # inside the barrier
+    assert math.isfinite(float(ok.delta2))
+
+
 def test_no_trainable_parameters(small):
     model, base, added = small
     for p in model.parameters():

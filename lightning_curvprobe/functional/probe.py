@@ -32,7 +32,7 @@ from lightning_curvprobe.functional.estimators import (
     increment_coefficients,
     quadratic_surrogate,
 )
-from lightning_curvprobe.functional.hvp import HessianOperator, LossFn, ModelFunction, _probe_mode
+from lightning_curvprobe.functional.hvp import HessianOperator, LossFn, ModelFunction, NonFiniteProbeError, _probe_mode
 from lightning_curvprobe.functional.lanczos import EigenResult, top_eigenpairs
 
 
@@ -78,6 +78,9 @@ def _collect_statistics(
 
     ``base_loss``/``base_grad`` (this process's mean loss and gradient on ``base_batch``) skip a forward and backward
     pass when the caller already has them. ``direct_z`` (S, D) and ``qe_z`` (Q, D) are the probe draws.
+    ``eigenvalues`` is ``U^T H_k U`` of the global base set: its diagonal ``(D,)`` when ``U`` is an eigenbasis at the
+    current weights, or the full ``(D, D)`` matrix otherwise (a subspace kept from an earlier refresh). A non-finite
+    loss at a probe point ``w0 + U z`` raises :class:`NonFiniteProbeError`.
 
     The added samples' ``m · D`` products and the draws' forward passes are batched with ``torch.func.vmap``
     (:func:`~lightning_curvprobe.functional.hvp.per_sample_statistics`,
@@ -145,30 +148,50 @@ def _collect_statistics(
                         for q in range(Q):
                             qe_draw[q] = fn.loss(w0 + U @ qe_z[q].to(dt), base)  # type: ignore[index]
                 forward += Q
+        for name, values in (("direct Monte Carlo", (base_draw, added_draw)), ("quadratic-validity", (qe_draw,))):
+            bad = sum(int((~torch.isfinite(v)).sum()) for v in values)
+            if bad:
+                raise NonFiniteProbeError(
+                    f"the loss is not finite at {bad} of the {name} probe points w0 + U z (a smaller `sigma` keeps "
+                    "the probe inside the local regime)."
+                )
         base_grad = base_grad.to(dt)
+        projected = _projected_hessian(eigenvalues, D).to(device=dev, dtype=dt)
         return _Statistics(
             base_loss_sum=base_loss.reshape(()) * k,
             base_count=torch.tensor(float(k), dtype=dt, device=dev),
             base_grad_sum=(U.T @ base_grad) * k,
-            base_hess_sum=torch.diag(eigenvalues.to(device=dev, dtype=dt)) * k,
+            base_hess_sum=projected * k,
             added_loss=added_loss,
             added_grad=added_grad,
             added_hess=added_hess,
             base_draw_loss_sum=base_draw,
             added_draw_loss=added_draw,
             qe_change_sum=(qe_draw - base_loss.reshape(())) * k,
-            qe_model_sum=_second_order_model(qe_z, U.T @ base_grad, eigenvalues.to(device=dev, dtype=dt)) * k,
+            qe_model_sum=_second_order_model(qe_z, U.T @ base_grad, projected) * k,
             hvps=hvps,
             forward_passes=forward,
         )
 
 
-def _second_order_model(z: Tensor | None, grad: Tensor, eigenvalues: Tensor) -> Tensor:
-    """``g^T z + z^T diag(eigenvalues) z / 2`` per draw (rows of ``z``); empty without draws."""
+def _projected_hessian(eigenvalues: Tensor, D: int) -> Tensor:
+    """``U^T H_k U`` as a symmetric ``(D, D)`` matrix from its diagonal ``(D,)`` or the matrix itself."""
+    if tuple(eigenvalues.shape) == (D,):
+        return torch.diag(eigenvalues)
+    if tuple(eigenvalues.shape) == (D, D):
+        return 0.5 * (eigenvalues + eigenvalues.T)
+    raise ValueError(
+        f"`eigenvalues` must have shape ({D},) (eigenvalues) or ({D}, {D}) (the projected base Hessian U^T H_k U), "
+        f"got {tuple(eigenvalues.shape)}."
+    )
+
+
+def _second_order_model(z: Tensor | None, grad: Tensor, projected: Tensor) -> Tensor:
+    """``g^T z + z^T P z / 2`` per draw (rows of ``z``), ``P = U^T H_k U`` ``(D, D)``; empty without draws."""
     if z is None:
         return grad.new_zeros(0)
     z = z.to(grad)
-    return z @ grad + 0.5 * (z * z) @ eigenvalues
+    return z @ grad + 0.5 * ((z @ projected) * z).sum(-1)
 
 
 def _evaluate(
@@ -178,8 +201,12 @@ def _evaluate(
     estimator: str,
     num_samples: int,
     generator: torch.Generator,
+    quadratic_z: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Criterion values from (globally summed) statistics; shared by ``probe_stability`` and the metric."""
+    """Criterion values from (globally summed) statistics; shared by ``probe_stability`` and the metric.
+
+    ``quadratic_z`` (S, D): the quadratic Monte Carlo draws, if already drawn; else drawn here from ``generator``.
+    """
     a, c, B = increment_coefficients(
         stats.base_loss_sum,
         stats.base_count,
@@ -192,7 +219,7 @@ def _evaluate(
     if estimator == "gaussian_moment":
         per_sample = delta2_gaussian_moment(a, c, B, sigma)
     elif estimator == "quadratic_mc":
-        z = _gaussian_draws(num_samples, c.shape[-1], sigma, generator, c)
+        z = _gaussian_draws(num_samples, c.shape[-1], sigma, generator, c) if quadratic_z is None else quadratic_z.to(c)
         per_sample = _delta2_from_increments(quadratic_surrogate(a, c, B, z))
     else:
         increments = _direct_increments(stats.base_draw_loss_sum, stats.base_count, stats.added_draw_loss)
