@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from typing_extensions import override
@@ -36,7 +37,7 @@ from lightning_curvprobe.functional.hvp import (
     _check_loss,
     _probe_mode,
 )
-from lightning_curvprobe.functional.lanczos import EigenResult
+from lightning_curvprobe.functional.lanczos import EigenResult, _default_num_extra
 from lightning_curvprobe.functional.probe import _eigensolve
 from lightning_curvprobe.metric import CurvatureStability
 
@@ -98,7 +99,10 @@ class CurvatureStabilityCallback(Callback):
         num_added_samples: ``m``, candidate added samples (the result averages over them).
         estimator: ``"gaussian_moment"`` (closed form, default), ``"quadratic_mc"`` or ``"direct_mc"``.
         num_mc_samples: draws of the Monte Carlo estimators.
-        refresh_every_n_epochs: recompute the subspace every this many validation epochs (reused in between).
+        refresh_every_n_epochs: recompute the subspace every this many validation epochs. In between, the kept
+            :math:`U` is reused and :math:`U^\top H_k U` is evaluated at the current weights (``D`` products in one
+            block instead of a solve), so the criterion is exact for that :math:`U`; ``lambda_max`` is then the
+            largest Rayleigh-Ritz value in the kept subspace.
         loss_fn: ``loss_fn(pl_module, batch) -> Tensor``, mean loss over the batch; default: the loss returned by
             ``pl_module.training_step(batch, 0)`` with its ``self.log`` calls silenced (not for manual optimization).
         probe_data: a batch (tuple/list/dict of tensors) or a ``Dataset`` with at least ``k + m`` samples: the first
@@ -152,7 +156,7 @@ class CurvatureStabilityCallback(Callback):
     ) -> None:
         super().__init__()
         self.num_eigenvectors = _check_int("num_eigenvectors", num_eigenvectors, minimum=1)
-        self.sigma: float | str = "auto" if sigma == "auto" else _check_positive_float("sigma", sigma)
+        self.sigma: float | str = "auto" if sigma == "auto" else _check_sigma(sigma)
         self.num_probe_samples = _check_int("num_probe_samples", num_probe_samples, minimum=1)
         self.num_added_samples = _check_int("num_added_samples", num_added_samples, minimum=1)
         self.estimator = _check_choice("estimator", estimator, ESTIMATORS)
@@ -243,13 +247,10 @@ class CurvatureStabilityCallback(Callback):
                 "cannot call it to get the loss. Pass loss_fn=lambda module, batch: <mean loss of batch>; "
                 "got loss_fn=None."
             )
-        num_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        if num_params == 0:
-            raise ValueError(
-                f"`pl_module` must have trainable parameters (requires_grad=True), got {type(pl_module).__name__} "
-                "with none."
-            )
-        _check_num_eigenvectors(self.num_eigenvectors, num_params)
+        if _num_trainable(pl_module) > 0 or not is_overridden("configure_model", pl_module, LightningModule):
+            self._check_trainable(pl_module)
+        # else: the layers are built in configure_model, which Lightning calls after this hook; checked at
+        # on_train_start / on_validation_start, still before any training step
         world = trainer.world_size
         if world > 1 and (self.sample_sizes is not None or self.full_space_samples > 0):
             raise ValueError(
@@ -272,6 +273,25 @@ class CurvatureStabilityCallback(Callback):
                 seed=self.seed,
                 sync_on_compute=True,
             )
+
+    def _check_trainable(self, pl_module: LightningModule) -> None:
+        """The module's trainable parameters admit the configured ``D`` and ``max_basis``."""
+        num_params = _num_trainable(pl_module)
+        if num_params == 0:
+            raise ValueError(
+                f"`pl_module` must have trainable parameters (requires_grad=True), got {type(pl_module).__name__} "
+                "with none."
+            )
+        D = _check_num_eigenvectors(self.num_eigenvectors, num_params)
+        if self.max_basis is not None:
+            # a warm start brings D + p columns and the solver needs one more Krylov vector than those
+            need = min(num_params, 2 * (D + _default_num_extra(D, num_params)) + 1)
+            if self.max_basis < need:
+                raise ValueError(
+                    f"`max_basis` must be at least 2 (D + p) + 1 = {need} for D = {D} (p = "
+                    f"{_default_num_extra(D, num_params)} guard vectors; the warm start of a refresh holds D + p "
+                    f"vectors and extends them), or None for the default, got {self.max_basis}."
+                )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -310,6 +330,9 @@ class CurvatureStabilityCallback(Callback):
                     lambda: HessianOperator(fn, self._base, scale=scale, reduce_fn=reduce_fn, where="the base samples"),
                     "the base samples",
                 )
+                if self._basis is not None and self._basis.shape[0] != fn.num_params:
+                    self._trainable_set_changed(self._basis.shape[0], fn.num_params)
+                    refresh = True
                 prev = self._basis
                 hvps = 0
                 if refresh:
@@ -348,6 +371,14 @@ class CurvatureStabilityCallback(Callback):
                     overlap = 1.0
                 assert self._basis is not None and self._eigenvalues is not None
                 U = self._basis[:, : self.num_eigenvectors].to(device=fn.device, dtype=fn.dtype)
+                if refresh:
+                    projected = self._eigenvalues.to(U)  # U^T H_k U = diag(eigenvalues) at these weights
+                else:
+                    # the kept U is no eigenbasis at the current weights: U^T H_k U from D products (one block)
+                    HU = self._call_user(lambda: op.matvec(U), "the base samples (projected Hessian)")
+                    projected = U.T @ HU
+                    projected = 0.5 * (projected + projected.T)
+                    self._eigenvalues = torch.linalg.eigvalsh(projected).flip(0)
                 if refresh and self.sigma == "auto":
                     selection = self._call_user(
                         lambda: select_sigma(
@@ -364,19 +395,32 @@ class CurvatureStabilityCallback(Callback):
                     self._sigma_value = float(trainer.strategy.broadcast(selection.sigma))
                 metric.sigma = self._sigma_value
                 metric.reset()
-                self._call_user(
-                    lambda: metric.update(
-                        pl_module,
-                        self._loss_fn(pl_module),
-                        self._base,
-                        self._added,
-                        U,
-                        self._eigenvalues.to(U),  # type: ignore[union-attr]
-                        base_loss=op.local_loss / scale,
-                        base_grad=op.local_gradient / scale,
-                    ),
-                    "the added samples",
-                )
+                failed: NonFiniteProbeError | None = None
+                try:
+                    self._call_user(
+                        lambda: metric.update(
+                            pl_module,
+                            self._loss_fn(pl_module),
+                            self._base,
+                            self._added,
+                            U,
+                            projected,
+                            base_loss=op.local_loss / scale,
+                            base_grad=op.local_gradient / scale,
+                        ),
+                        "the added samples",
+                    )
+                except NonFiniteProbeError as err:
+                    failed = err
+                # the added samples and probe points are this rank's own: all ranks learn of a failure on any of
+                # them before compute() (which every rank must call, or the others wait for ever)
+                if reduce_fn is not None:
+                    flag = reduce_fn(torch.tensor([float(failed is not None)], device=fn.device))
+                    if failed is None and float(flag[0]) > 0:
+                        failed = NonFiniteProbeError("a probe value is not finite on another process.")
+                if failed is not None:
+                    metric.reset()
+                    raise failed
                 delta2 = float(metric.compute())
                 details = metric.details
                 extra = self._extras(pl_module, refresh)
@@ -408,6 +452,17 @@ class CurvatureStabilityCallback(Callback):
                 values["delta2_stderr"] = nan
         self.history.append({"epoch": float(trainer.current_epoch), **values})
         return values
+
+    def _trainable_set_changed(self, old: int, new: int) -> None:
+        """The kept subspace lives in another parameter space: drop it (the refresh is cold)."""
+        _check_num_eigenvectors(self.num_eigenvectors, new)
+        rank_zero_warn(
+            f"CurvatureStabilityCallback: the number of trainable parameters changed from {old} to {new} (layers "
+            "frozen or unfrozen, e.g. by a fine-tuning callback); the subspace is recomputed cold and "
+            "`subspace_overlap` is NaN for this refresh."
+        )
+        self._basis = None
+        self._eigenvalues = None
 
     def _extras(self, pl_module: LightningModule, refresh: bool) -> dict[str, float]:
         """The optional sample-growth curve (at refreshes) and full-space comparison."""
@@ -541,6 +596,7 @@ class CurvatureStabilityCallback(Callback):
         """Fix the probe samples once: this rank's share of the base and added sets, on the module's device."""
         if self._base is not None:
             return
+        self._check_trainable(pl_module)
         k, m = self.num_probe_samples, self.num_added_samples
         with _untouched_rng(pl_module.device):
             if self.probe_data is not None:
@@ -566,7 +622,13 @@ class CurvatureStabilityCallback(Callback):
         loader = trainer.train_dataloader
         datamodule = getattr(trainer, "datamodule", None)
         if loader is None and datamodule is not None and hasattr(datamodule, "train_dataloader"):
-            loader = datamodule.train_dataloader()
+            try:
+                loader = datamodule.train_dataloader()
+            except Exception as err:  # noqa: BLE001 - e.g. setup("validate") built no training set
+                raise ValueError(
+                    "`probe_data` must be given when the training dataloader is not available: outside fit the "
+                    f"datamodule's train_dataloader() failed ({type(err).__name__}: {err}); got probe_data=None."
+                ) from err
         if isinstance(loader, (list, tuple)) and loader:
             loader = loader[0]
         if isinstance(loader, dict) and loader:
@@ -730,3 +792,14 @@ def _clone(batch: Any) -> Any:
     from lightning_curvprobe.functional._batch import _map_tensors
 
     return _map_tensors(batch, lambda t: t.detach().clone())
+
+
+def _num_trainable(module: LightningModule) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _check_sigma(sigma: Any) -> float:
+    try:
+        return _check_positive_float("sigma", sigma)
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("positive finite float", "positive finite float or 'auto'", 1)) from None

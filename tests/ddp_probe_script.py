@@ -1,7 +1,8 @@
 """Run by tests/test_integration.py in a subprocess: a 2-process CPU DDP fit with the callback.
 
 Lightning's DDP launcher re-executes this script for rank 1, so it must be a standalone script (not pytest).
-Usage: python tests/ddp_probe_script.py OUT_DIR [ESTIMATOR]
+Usage: python tests/ddp_probe_script.py OUT_DIR [ESTIMATOR] [nan-added-rank1]
+With ``nan-added-rank1`` the target of an added sample that only rank 1 holds is NaN (its loss is not finite there).
 Each rank writes OUT_DIR/rank{r}.pt with its logged history, the probe's subspace and the final weights.
 """
 
@@ -27,6 +28,8 @@ def main() -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     train, probe = make_regression()
+    if len(sys.argv) > 3 and sys.argv[3] == "nan-added-rank1":
+        probe[1][17] = float("nan")  # added samples 16..19: rank r holds 16 + r and 18 + r
     model = TinyRegressor()
     cb = CurvatureStabilityCallback(
         num_eigenvectors=4,

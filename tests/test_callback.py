@@ -384,6 +384,12 @@ def test_bad_configuration_raises_at_construction(kwargs, match):
         probe(**kwargs)
 
 
+@pytest.mark.parametrize("sigma", ["Auto", "auto ", None, -1.0])
+def test_bad_sigma_names_auto_as_allowed(sigma):
+    with pytest.raises((TypeError, ValueError), match=r"`sigma` must be a positive finite float or 'auto', got "):
+        probe(sigma=sigma)
+
+
 def _fit_expecting(tmp_path: Path, cb: CurvatureStabilityCallback, model: TinyClassifier, exc: type, match: str):
     train, val = loaders()
     trainer = make_trainer(tmp_path, callbacks=[cb], max_epochs=1)

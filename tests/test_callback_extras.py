@@ -174,7 +174,7 @@ def test_without_matplotlib_images_are_skipped_with_one_message(tmp_path, monkey
         ),
         (dict(sample_sizes=[8, 4]), r"`sample_sizes` must be a non-empty strictly increasing list"),
         (dict(sample_sizes=[4, 32]), r"`sample_sizes` must not exceed num_probe_samples=16, got \[4, 32\]"),
-        (dict(sigma="automatic"), r"`sigma` must be a positive finite float, got 'automatic'"),
+        (dict(sigma="automatic"), r"`sigma` must be a positive finite float or 'auto', got 'automatic'"),
         (dict(max_quadratic_error=0), r"`max_quadratic_error` must be a positive finite float, got 0"),
         (dict(full_space_samples=-1), r"`full_space_samples` must be an int >= 0, got -1"),
         (dict(sufficient_tolerance=-1.0), r"`sufficient_tolerance` must be a positive finite float, got -1.0"),

@@ -92,6 +92,29 @@ def test_ddp_two_ranks_agree_with_single_process(tmp_path):
     assert last["delta2_stderr"] == pytest.approx(float(ref.delta2_stderr), rel=1e-9)
 
 
+@pytest.mark.ddp
+def test_ddp_non_finite_added_sample_on_one_rank_logs_nan_on_every_rank(tmp_path):
+    """A non-finite value that only rank 1 meets (its added sample's loss) must not leave rank 0 waiting in the
+    metric's sync: every rank learns of it, logs NaN, and training goes on identically on both ranks."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, str(HERE / "ddp_probe_script.py"), str(tmp_path), "gaussian_moment", "nan-added-rank1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    for h0, h1 in zip(r0["history"], r1["history"], strict=True):
+        assert math.isnan(h0["delta2"]) and math.isnan(h1["delta2"])
+    assert len(r0["history"]) == 2
+    assert "not finite" in out.stderr and out.stderr.count("Logging NaN") == 1
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]) and bool(torch.isfinite(value).all()), key
+
+
 def test_ddp_sharded_metric_equals_union_in_process():
     """The sharding the callback uses (rank r takes samples r, r+W, ...) sums to the single-process statistics."""
     from lightning_curvprobe import CurvatureStability
@@ -335,10 +358,10 @@ class _Manual(TinyRegressor):
 BAD_CONSTRUCTION = [
     (dict(num_eigenvectors=0), ValueError, r"`num_eigenvectors` must be an int >= 1, got 0"),
     (dict(num_eigenvectors=2.5), TypeError, r"`num_eigenvectors` must be an int, got 2.5"),
-    (dict(sigma=0.0), ValueError, r"`sigma` must be a positive finite float, got 0.0"),
-    (dict(sigma=-1e-3), ValueError, r"`sigma` must be a positive finite float, got -0.001"),
-    (dict(sigma=float("inf")), ValueError, r"`sigma` must be a positive finite float, got inf"),
-    (dict(sigma="small"), TypeError, r"`sigma` must be a positive finite float, got 'small'"),
+    (dict(sigma=0.0), ValueError, r"`sigma` must be a positive finite float or 'auto', got 0.0"),
+    (dict(sigma=-1e-3), ValueError, r"`sigma` must be a positive finite float or 'auto', got -0.001"),
+    (dict(sigma=float("inf")), ValueError, r"`sigma` must be a positive finite float or 'auto', got inf"),
+    (dict(sigma="small"), TypeError, r"`sigma` must be a positive finite float or 'auto', got 'small'"),
     (
         dict(estimator="taylor"),
         ValueError,
