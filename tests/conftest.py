@@ -225,6 +225,24 @@ def dense_grad_loss(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Any
     return loss.detach(), g
 
 
+def dense_coefficients(
+    model: nn.Module, loss_fn: Callable[..., Tensor], base: Any, added: Any, U: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``UᵀH_kU`` and the added samples' ``a, c, B`` (SPEC §1) for any orthonormal ``U``, from explicit Hessians."""
+    k = base[0].shape[0]
+    Lk, gk = dense_grad_loss(model, loss_fn, base)
+    P = U.T @ dense_hessian(model, loss_fn, base) @ U
+    a, c, B = [], [], []
+    for j in range(added[0].shape[0]):
+        one = tuple(t[j : j + 1] for t in added)
+        lj, gj = dense_grad_loss(model, loss_fn, one)
+        a.append((lj - Lk) / (k + 1))
+        c.append(U.T @ (gj - gk) / (k + 1))
+        Bj = (U.T @ dense_hessian(model, loss_fn, one) @ U - P) / (k + 1)
+        B.append(0.5 * (Bj + Bj.T))
+    return P, torch.stack(a), torch.stack(c), torch.stack(B)
+
+
 def relerr(x: Tensor, ref: Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 

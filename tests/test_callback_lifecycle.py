@@ -24,7 +24,7 @@ from _lightning_helpers import (
     make_trainer,
     probe_batch,
 )
-from conftest import dense_grad_loss, dense_hessian
+from conftest import dense_coefficients
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader
@@ -84,19 +84,7 @@ def test_reused_subspace_is_probed_with_the_current_projected_hessian(tmp_path):
     assert first["hvps"] > 0 and reused["hvps"] == 0 and reused["subspace_overlap"] == 1.0
     assert cb._basis is not None and cb._basis.dtype == torch.float64
     U = cb._basis[:, :D]
-    base = (x[:k], y[:k])
-    Lk, gk = dense_grad_loss(model, ce_loss, base)
-    Hk = dense_hessian(model, ce_loss, base)
-    P = U.T @ Hk @ U
-    a, c, B = [], [], []
-    for j in range(k, k + m):
-        one = (x[j : j + 1], y[j : j + 1])
-        lj, gj = dense_grad_loss(model, ce_loss, one)
-        a.append((lj - Lk) / (k + 1))
-        c.append(U.T @ (gj - gk) / (k + 1))
-        Bj = (U.T @ dense_hessian(model, ce_loss, one) @ U - P) / (k + 1)
-        B.append(0.5 * (Bj + Bj.T))
-    a_t, c_t, B_t = torch.stack(a), torch.stack(c), torch.stack(B)
+    P, a_t, c_t, B_t = dense_coefficients(model, ce_loss, (x[:k], y[:k]), (x[k:], y[k:]), U)
     want = float(delta2_gaussian_moment(a_t, c_t, B_t, sigma).mean())
     assert reused["delta2"] == pytest.approx(want, rel=1e-10, abs=0)
     assert reused["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(P)[-1]), rel=1e-10, abs=0)

@@ -52,11 +52,11 @@ def _fit(cb, max_epochs=2, ckpt_path=None, callbacks=(), model=None, data_dtype=
 # ---------------------------------------------------------------- DDP
 
 
-@pytest.mark.ddp
-def test_ddp_two_ranks_agree_with_single_process(tmp_path):
+def _run_ddp_script(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict, dict]:
+    """Run ``ddp_probe_script.py`` (2 gloo processes) with ``args``; its output and the two ranks' saved results."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(
-        [sys.executable, str(HERE / "ddp_probe_script.py"), str(tmp_path)],
+        [sys.executable, str(HERE / "ddp_probe_script.py"), str(tmp_path), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -65,6 +65,12 @@ def test_ddp_two_ranks_agree_with_single_process(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    return out, r0, r1
+
+
+@pytest.mark.ddp
+def test_ddp_two_ranks_agree_with_single_process(tmp_path):
+    _, r0, r1 = _run_ddp_script(tmp_path)
     assert r0["world"] == 2
     # every rank ran the same Lanczos iterations on the all-reduced Hessian and logged the same values
     assert torch.equal(r0["basis"], r1["basis"])
@@ -96,17 +102,7 @@ def test_ddp_two_ranks_agree_with_single_process(tmp_path):
 def test_ddp_non_finite_added_sample_on_one_rank_logs_nan_on_every_rank(tmp_path):
     """A non-finite value that only rank 1 meets (its added sample's loss) must not leave rank 0 waiting in the
     metric's sync: every rank learns of it, logs NaN, and training goes on identically on both ranks."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run(
-        [sys.executable, str(HERE / "ddp_probe_script.py"), str(tmp_path), "gaussian_moment", "nan-added-rank1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    out, r0, r1 = _run_ddp_script(tmp_path, "gaussian_moment", "nan-added-rank1")
     for h0, h1 in zip(r0["history"], r1["history"], strict=True):
         assert math.isnan(h0["delta2"]) and math.isnan(h1["delta2"])
     assert len(r0["history"]) == 2

@@ -246,7 +246,7 @@ def test_projected_hessian_matrix_for_a_subspace_that_is_no_eigenbasis(setup, es
     """``eigenvalues`` may be ``UᵀH_kU`` as a (D, D) matrix (a kept subspace at moved weights). On a random
     orthonormal ``U`` that matrix is far from diagonal; the result equals the dense float64 reference built from
     explicit Hessians (rel 1e-10), and passing its diagonal only gives another number."""
-    from conftest import dense_grad_loss, dense_hessian
+    from conftest import dense_coefficients
 
     from lightning_curvprobe.functional import delta2_gaussian_moment, quadratic_surrogate
     from lightning_curvprobe.functional.estimators import _gaussian_draws
@@ -254,18 +254,8 @@ def test_projected_hessian_matrix_for_a_subspace_that_is_no_eigenbasis(setup, es
     model, base, added = setup["model"], setup["base"], setup["added"]
     n = setup["ref"].eigenvectors.shape[0]
     U, _ = torch.linalg.qr(torch.randn(n, D, generator=torch.Generator().manual_seed(3), dtype=DT))
-    Lk, gk = dense_grad_loss(model, mse, base)
-    P = U.T @ dense_hessian(model, mse, base) @ U
+    P, a_t, c_t, B_t = dense_coefficients(model, mse, base, added, U)
     assert float((P - torch.diag(P.diagonal())).abs().max()) > 0.1 * float(P.diagonal().abs().max())
-    a, c, B = [], [], []
-    for j in range(M):
-        one = _sl(added, j, j + 1)
-        lj, gj = dense_grad_loss(model, mse, one)
-        a.append((lj - Lk) / (K + 1))
-        c.append(U.T @ (gj - gk) / (K + 1))
-        Bj = (U.T @ dense_hessian(model, mse, one) @ U - P) / (K + 1)
-        B.append(0.5 * (Bj + Bj.T))
-    a_t, c_t, B_t = torch.stack(a), torch.stack(c), torch.stack(B)
     metric = _metric(estimator)
     metric.update(model, mse, base, added, U, P)
     got = float(metric.compute())
