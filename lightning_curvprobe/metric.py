@@ -12,7 +12,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from lightning_curvprobe._checks import ESTIMATORS, _check_choice, _check_int, _check_positive_float
 from lightning_curvprobe.functional.estimators import _gaussian_draws
 from lightning_curvprobe.functional.hvp import LossFn, ModelFunction
-from lightning_curvprobe.functional.probe import _collect_statistics, _evaluate, _Statistics
+from lightning_curvprobe.functional.probe import _collect_statistics, _evaluate, _projected_hessian, _Statistics
 
 _SUM_STATES = (
     "base_loss_sum",
@@ -171,12 +171,7 @@ class CurvatureStability(Metric):
             raise ValueError(
                 f"`eigenvectors` must have shape (N, {self.num_eigenvectors}), got {tuple(eigenvectors.shape)}."
             )
-        D = self.num_eigenvectors
-        if tuple(eigenvalues.shape) not in ((D,), (D, D)):
-            raise ValueError(
-                f"`eigenvalues` must have shape ({D},) or ({D}, {D}) (the projected base Hessian U^T H_k U), got "
-                f"{tuple(eigenvalues.shape)}."
-            )
+        projected = _projected_hessian(eigenvalues, self.num_eigenvectors)  # checked before anything is drawn
         self._draws(eigenvectors)
         fn = ModelFunction(model, loss_fn)
         stats = _collect_statistics(
@@ -184,7 +179,7 @@ class CurvatureStability(Metric):
             base_batch,
             added_batch,
             eigenvectors,
-            eigenvalues,
+            projected,
             base_loss=base_loss,
             base_grad=base_grad,
             direct_z=self._direct_z,

@@ -181,8 +181,8 @@ def _projected_hessian(eigenvalues: Tensor, D: int) -> Tensor:
     if tuple(eigenvalues.shape) == (D, D):
         return 0.5 * (eigenvalues + eigenvalues.T)
     raise ValueError(
-        f"`eigenvalues` must have shape ({D},) (eigenvalues) or ({D}, {D}) (the projected base Hessian U^T H_k U), "
-        f"got {tuple(eigenvalues.shape)}."
+        f"`eigenvalues` must have shape ({D},) or ({D}, {D}) (the projected base Hessian U^T H_k U), got "
+        f"{tuple(eigenvalues.shape)}."
     )
 
 
