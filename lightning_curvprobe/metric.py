@@ -11,7 +11,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_curvprobe._checks import ESTIMATORS, _check_choice, _check_int, _check_positive_float
 from lightning_curvprobe.functional.estimators import _gaussian_draws
-from lightning_curvprobe.functional.hvp import LossFn, ModelFunction
+from lightning_curvprobe.functional.hvp import HVP_KINDS, LossFn, ModelFunction
 from lightning_curvprobe.functional.probe import _collect_statistics, _evaluate, _projected_hessian, _Statistics
 
 _SUM_STATES = (
@@ -52,6 +52,8 @@ class CurvatureStability(Metric):
         num_samples: Monte Carlo draws (for the MC estimators).
         quadratic_error_samples: draws for the quadratic-validity error (0 = off).
         seed: seed of the metric's own generator (draws are identical on every process).
+        hvp: how the added samples' Hessian-vector products are taken: ``"autograd"``, ``"finite_difference"`` or
+            ``"auto"`` (see :class:`~lightning_curvprobe.functional.HessianOperator`).
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Example:
@@ -93,9 +95,11 @@ class CurvatureStability(Metric):
         num_samples: int = 64,
         quadratic_error_samples: int = 8,
         seed: int = 0,
+        hvp: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.hvp = _check_choice("hvp", hvp, HVP_KINDS)
         self.num_eigenvectors = _check_int("num_eigenvectors", num_eigenvectors, minimum=1)
         self.sigma = _check_positive_float("sigma", sigma)
         self.estimator = _check_choice("estimator", estimator, ESTIMATORS)
@@ -173,7 +177,7 @@ class CurvatureStability(Metric):
             )
         projected = _projected_hessian(eigenvalues, self.num_eigenvectors)  # checked before anything is drawn
         self._draws(eigenvectors)
-        fn = ModelFunction(model, loss_fn)
+        fn = ModelFunction(model, loss_fn, hvp=self.hvp)
         stats = _collect_statistics(
             fn,
             base_batch,

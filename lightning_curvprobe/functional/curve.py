@@ -168,6 +168,7 @@ def stability_curve(
     generator: torch.Generator | None = None,
     warm_start: Tensor | None = None,
     quadratic_error_samples: int = 0,
+    hvp: str = "auto",
 ) -> StabilityCurve:
     r"""Stability criteria against the base-set size ``k``, their decay exponents and a sufficient data size.
 
@@ -212,6 +213,7 @@ def stability_curve(
         generator: source of every random number (default: a generator seeded 0); the global RNG is not used.
         warm_start: a basis for the first solve (e.g. a previous result's ``basis``), shape ``(N, w)``.
         quadratic_error_samples: draws for ``quadratic_error`` per ``k`` (0 skips it; one forward pass each).
+        hvp: ``"autograd"``, ``"finite_difference"`` or ``"auto"``, as in :func:`probe_stability`.
 
     Returns:
         A :class:`StabilityCurve`, values in the model's dtype.
@@ -230,7 +232,7 @@ def stability_curve(
         >>> curve.delta2.shape, curve.decay_exponent < -1, curve.sufficient_k > 64
         (torch.Size([3]), True, True)
     """
-    fn = ModelFunction(model, loss_fn)
+    fn = ModelFunction(model, loss_fn, hvp=hvp)
     D, sigma, estimator, num_samples, tol = _check_common(
         num_eigenvectors, sigma, estimator, num_samples, tol, fn.num_params
     )

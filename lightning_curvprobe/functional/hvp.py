@@ -5,8 +5,32 @@ For the loss :math:`L(w) = \mathrm{loss\_fn}(\mathrm{model}, \mathrm{batch})` at
 :math:`H = \nabla^2 L(w_0)` to vectors by double-backward autograd. The gradient graph is built once and reused for
 every product, so a block of vectors costs one forward and backward pass plus one extra backward pass per vector.
 
-The model itself is never modified: the loss is evaluated with :func:`torch.func.functional_call` on views of a flat
-parameter vector, in eval mode (restored afterwards), with autocast disabled, in float32 or float64.
+The model itself is never modified: the loss is evaluated with the model's own modules, whose trainable
+``nn.Parameter`` entries are swapped for views of a flat parameter vector for the duration of a call (every module
+that holds a Parameter, so aliased, tied and ``parametrize``-d modules see the same view) and put back as the very same
+objects afterwards; in eval mode (restored afterwards), with autocast disabled, in float32 or float64, and with
+:func:`torch.nn.functional.scaled_dot_product_attention` on its math backend (the fused CPU and CUDA kernels have no
+double backward).
+
+Two kinds of product (``hvp=``): ``"autograd"`` (double backward, exact to rounding) and ``"finite_difference"``
+(central differences of first-order gradients, for models without second derivatives: reentrant activation
+checkpointing, ``once_differentiable`` autograd Functions, fused kernels without a double backward, sharded
+parameters):
+
+.. math:: H v \approx \frac{\nabla L(w_0 + \varepsilon v) - \nabla L(w_0 - \varepsilon v)}{2 \varepsilon},
+    \qquad \varepsilon = \tfrac12\, u^{1/3} \max(\lVert w_0 \rVert, 1) / \lVert v \rVert,
+
+with ``u`` the unit roundoff of the compute dtype. The truncation error is :math:`\varepsilon^2/6 \cdot
+\nabla^3 L[v, v, v]` and the rounding error about :math:`u \lVert \nabla L\rVert / \varepsilon`; the step balances the
+two in units of the weights' own scale (:math:`\varepsilon / \lVert w_0 \rVert \approx u^{1/3}/2` is the relative
+size of the perturbation). Measured on a 76k-parameter GELU transformer in float32: 5e-5 to 3e-4 relative error of a
+product over the step sizes 0.03–0.3 around this choice (``tests/benchmarks/hvp_kinds.py``). On piecewise-linear
+activations (ReLU) a finite difference also sees the kinks that autograd's Hessian ignores, and its error is larger.
+``"auto"`` uses autograd and falls back to finite differences once, for the rest of the model's life, when building
+or applying the double-backward graph fails.
+
+Compiled modules (``torch.compile``) run eagerly inside the probe, so autograd products work there and the user's
+compiled code and its caches are left untouched.
 
 Batching: a block of ``b`` vectors is applied by one batched backward pass (``torch.autograd.grad(...,
 is_grads_batched=True)``, i.e. ``vmap`` over the vectors) in chunks of at most ``max(1, BATCH_ELEMENTS // N)``
@@ -29,6 +53,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_curvprobe.functional._batch import _batch_size, _cast_batch, _map_tensors
 
@@ -55,7 +80,7 @@ _PROBE_STATE = threading.local()
 
 @contextlib.contextmanager
 def _probe_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, gradients on, inference mode and autocast off; every module's ``training`` flag restored after.
+    """Eval mode, gradients on, inference mode and autocast off, SDPA on its math backend; ``training`` flags restored.
 
     Re-entrant: nested inside another ``_probe_mode`` of the same model (one around a whole eigensolve, and one per
     Hessian-vector product), the inner one only re-enters the grad and autocast modes and leaves the flags to the
@@ -78,6 +103,8 @@ def _probe_mode(model: nn.Module) -> Iterator[None]:
             stack.enter_context(torch.enable_grad())
             for device_type in device_types:
                 stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))  # the fused kernels have no double backward
+            stack.enter_context(_eager())
             yield
     finally:
         if not nested:
@@ -86,41 +113,62 @@ def _probe_mode(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+def _eager() -> contextlib.AbstractContextManager[Any]:
+    """Compiled modules and functions run eagerly (``torch.compiler.set_stance("force_eager")``, torch >= 2.6).
+
+    Eager code has double backward and ``vmap`` where aot_autograd has neither; tracing a compiled frame under
+    ``vmap`` would also make dynamo skip that frame for the rest of the run, and new batch shapes and grad modes would
+    add recompilations to the user's cache. Eagerly, the user's compiled code and its cache are left as they were.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def _default_dtype(params: Sequence[Tensor]) -> torch.dtype:
     """float64 when every trainable parameter is float64, float32 otherwise (bf16/fp16 models are probed in fp32)."""
     return torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
 
 
-class _LossModule(nn.Module):
-    """Wraps ``loss_fn(model, batch)`` as a module so that :func:`torch.func.functional_call` can reparametrise it."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
+HvpKind = str  # "auto" | "autograd" | "finite_difference"
+HVP_KINDS = ("auto", "autograd", "finite_difference")
+# models whose double backward failed once under hvp="auto" -> the reason (their next probes use finite differences)
+_NO_DOUBLE_BACKWARD: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 class ModelFunction:
     r"""The loss of a model as a function of a flat parameter vector, evaluated without touching the model.
+
+    Inside :meth:`bind` every module's ``_parameters`` entry that holds a trainable Parameter refers to a view of the
+    flat vector instead; on exit the very same Parameter objects are put back (aliased submodules, tied weights and
+    ``torch.nn.utils.parametrize`` originals included, which :func:`torch.func.functional_call` with
+    ``tie_weights=True`` does not guarantee for a submodule reachable by two paths).
 
     Args:
         model: the network; its trainable parameters (``requires_grad=True``) are the coordinates.
         loss_fn: ``loss_fn(model, batch) -> Tensor``, the mean loss over the batch's samples (a scalar).
         dtype: the dtype of the computation; default float64 for a float64 model, float32 otherwise. Parameters,
             floating buffers and floating batch tensors are cast to it on the fly (the model keeps its own).
+        hvp: ``"autograd"``, ``"finite_difference"`` or ``"auto"`` (autograd, falling back to finite differences
+            once when the model has no double backward; see the module docstring).
+
+    Attributes:
+        hvp_kind: the kind of product in use, ``"autograd"`` or ``"finite_difference"``.
+        fallback_reason: why ``"auto"`` fell back to finite differences (None otherwise).
 
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(3, 1).double()
         >>> fn = ModelFunction(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
-        >>> fn.num_params, fn.dtype
-        (4, torch.float64)
+        >>> fn.num_params, fn.dtype, fn.hvp_kind
+        (4, torch.float64, 'autograd')
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, *, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, *, dtype: torch.dtype | None = None, hvp: HvpKind = "auto"
+    ) -> None:
+        if hvp not in HVP_KINDS:
+            allowed = ", ".join(repr(k) for k in HVP_KINDS)
+            raise ValueError(f"`hvp` must be one of {allowed}, got {hvp!r}.")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError(
@@ -139,24 +187,67 @@ class ModelFunction:
         self.num_params = sum(self.numels)
         self.dtype = dtype if dtype is not None else _default_dtype(self._params)
         self.device = self._params[0].device
-        self._module = _LossModule(model, loss_fn)
-        self._buffers: dict[str, Tensor] = {}
-        if any(p.dtype != self.dtype for p in self._params):
-            self._buffers = {
-                "model." + n: b.to(self.dtype)
-                for n, b in model.named_buffers()
-                if b is not None and b.is_floating_point()
-            }
+        self.hvp = hvp
+        self.fallback_reason: str | None = _NO_DOUBLE_BACKWARD.get(model) if hvp == "auto" else None
+        index = {id(p): i for i, p in enumerate(self._params)}
+        cast = any(p.dtype != self.dtype for p in self._params)
+        # (owner dict, key, index of the flat view or -1, original): every slot that holds a trainable Parameter, and
+        # the floating buffers when the compute dtype differs from the model's
+        self._slots: list[tuple[dict[str, Any], str, int, Tensor]] = []
+        self._buffers: list[Tensor] = []
+        for module in model.modules():
+            for key, param in module._parameters.items():
+                if param is not None and id(param) in index:
+                    self._slots.append((module._parameters, key, index[id(param)], param))
+            if cast:
+                for key, buf in module._buffers.items():
+                    if buf is not None and buf.is_floating_point():
+                        self._slots.append((module._buffers, key, -1 - len(self._buffers), buf))
+                        self._buffers.append(buf.to(self.dtype))
+
+    @property
+    def hvp_kind(self) -> str:
+        """``"finite_difference"`` when chosen or fallen back to, else ``"autograd"``."""
+        if self.hvp == "finite_difference" or self.fallback_reason is not None:
+            return "finite_difference"
+        return "autograd"
+
+    def fall_back(self, err: BaseException) -> None:
+        """Under ``hvp="auto"``: use finite differences from now on (for this model), remembering why."""
+        if self.hvp != "auto":
+            raise RuntimeError(
+                "hvp='autograd': second derivatives of the loss are not available for this model "
+                f"({type(err).__name__}: {err}); use hvp='finite_difference' (or 'auto') for first-order finite-difference products."
+            ) from err
+        self.fallback_reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        _NO_DOUBLE_BACKWARD[self.model] = self.fallback_reason
 
     def current(self) -> Tensor:
         """The model's current trainable parameters as one flat vector (a copy, in the compute dtype)."""
         with torch.inference_mode(False), torch.no_grad():
-            return torch.cat([p.detach().reshape(-1).to(self.dtype) for p in self._params])
+            return torch.cat([p.detach().reshape(-1) for p in self._params]).to(self.dtype)
 
-    def unflatten(self, w: Tensor) -> dict[str, Tensor]:
-        """Views of ``w`` shaped like the parameters, keyed for the wrapped module."""
+    def unflatten(self, w: Tensor) -> list[Tensor]:
+        """Views of ``w`` shaped like the trainable parameters, in ``named_parameters()`` order."""
         views = torch.split(w, self.numels)
-        return {"model." + n: v.view(s) for n, v, s in zip(self.names, views, self.shapes, strict=True)}
+        return [v.view(s) for v, s in zip(views, self.shapes, strict=True)]
+
+    @contextlib.contextmanager
+    def bind(self, w: Tensor) -> Iterator[None]:
+        """Within the block the model computes with parameters ``w`` (differentiable in ``w``); restored on exit.
+
+        Backward passes that recompute the forward (activation checkpointing) must run inside the block too.
+        """
+        views = self.unflatten(w)
+        done = []
+        try:
+            for owner, key, i, original in self._slots:
+                owner[key] = views[i] if i >= 0 else self._buffers[-1 - i]
+                done.append((owner, key, original))
+            yield
+        finally:
+            for owner, key, original in done:
+                owner[key] = original
 
     def prepare(self, batch: Any) -> Any:
         """The batch on the model's device, floating tensors in the compute dtype, outside inference mode."""
@@ -166,9 +257,44 @@ class ModelFunction:
 
     def loss(self, w: Tensor, batch: Any) -> Tensor:
         """``loss_fn(model, batch)`` at parameters ``w`` (differentiable in ``w``); call inside :func:`_probe_mode`."""
-        params = self.unflatten(w)
-        params.update(self._buffers)
-        return torch.func.functional_call(self._module, params, (batch,), strict=False, tie_weights=True)
+        with self.bind(w):
+            return self.loss_fn(self.model, batch)
+
+    def gradient(
+        self, w: Tensor, batch: Any, *, scale: float = 1.0, where: str = "the probe batch"
+    ) -> tuple[Tensor, Tensor]:
+        """The (scaled) loss and its gradient at ``w`` by one first-order backward pass; call inside ``_probe_mode``.
+
+        ``backward()`` into a leaf of the probe's own (never ``autograd.grad``), so that reentrant activation
+        checkpointing works too; the model's Parameters and their ``.grad`` are not part of the graph.
+        """
+        leaf = w.detach().requires_grad_(True)
+        with self.bind(leaf):
+            loss = _check_loss(self.loss_fn(self.model, batch), where) * scale
+            _check_depends(loss, where)
+            loss.backward()
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        return loss.detach(), grad
+
+
+def _check_depends(loss: Tensor, where: str) -> None:
+    if not loss.requires_grad:
+        raise ValueError(
+            f"`loss_fn` must return a loss that depends on the trainable parameters, got a tensor without a graph on "
+            f"{where} (detached, computed under torch.no_grad(), or rebuilt from .item()); return the loss tensor "
+            "itself."
+        )
+
+
+def finite_difference_step(w0_norm: float, v_norm: float, dtype: torch.dtype) -> float:
+    r"""The central-difference step :math:`\varepsilon = \tfrac12 u^{1/3} \max(\lVert w_0\rVert, 1) / \lVert v\rVert`.
+
+    Example:
+        >>> round(finite_difference_step(1.0, 1.0, torch.float64), 9)
+        2.403e-06
+    """
+    u = torch.finfo(dtype).eps / 2
+    return 0.5 * u ** (1.0 / 3.0) * max(w0_norm, 1.0) / max(v_norm, torch.finfo(dtype).tiny)
 
 
 def _clone_inference_tensors(batch: Any) -> Any:
@@ -196,16 +322,18 @@ def _reduce(tensor: Tensor, reduce_fn: ReduceFn | None) -> Tensor:
 class HessianOperator:
     r"""Hessian of the loss on one batch at fixed parameters, applied to flat vectors.
 
-    The gradient graph at :math:`w_0` is built once; :meth:`matvec` applies :math:`H = \nabla^2 L(w_0)` to a vector
-    (shape ``(N,)``) or a block (shape ``(N, b)``) by one extra backward pass per vector, batched over the block's
-    vectors (``max_batch`` at a time).
+    With autograd products (``fn.hvp_kind == "autograd"``) the gradient graph at :math:`w_0` is built once;
+    :meth:`matvec` applies :math:`H = \nabla^2 L(w_0)` to a vector (shape ``(N,)``) or a block (shape ``(N, b)``) by one
+    extra backward pass per vector, batched over the block's vectors (``max_batch`` at a time). With finite differences
+    each vector costs two first-order forward and backward passes (see the module docstring for the step). Under
+    ``hvp="auto"`` a failure to build or apply the double-backward graph switches ``fn`` to finite differences.
 
     Sharded data: with ``scale = n_local / n_global`` and ``reduce_fn`` summing across processes (for example
     ``torch.distributed.all_reduce``), every process feeds its own shard and all obtain the loss, gradient and HVPs of
     the global mean loss.
 
     Args:
-        fn: the model as a function of its flat parameters.
+        fn: the model as a function of its flat parameters (it also says which kind of product to use).
         batch: the samples; ``loss_fn`` returns their mean loss.
         scale: factor applied to the batch's mean loss before differentiating.
         reduce_fn: applied to every partial result (loss, gradient, HVP block); returns the reduced tensor or reduces
@@ -249,24 +377,49 @@ class HessianOperator:
         self.reduce_fn = reduce_fn
         self.num_hvps = 0
         self.where = where
+        self.scale = scale
         if max_batch is None:
             max_batch = max(1, BATCH_ELEMENTS // fn.num_params) if USE_BATCHED else 1
         self.max_batch = int(max_batch)
         self._batched = self.max_batch > 1
         self.batch_error: str | None = None
-        batch = fn.prepare(batch)
+        self._batch = fn.prepare(batch)
+        w0 = (fn.current() if point is None else point.detach().to(fn.dtype)).detach()
+        self._w0 = w0
+        self._w: Tensor | None = None
+        self._grad: Tensor | None = None
         with _probe_mode(fn.model):
-            w = (fn.current() if point is None else point.detach().to(fn.dtype)).requires_grad_(True)
-            loss = _check_loss(fn.loss(w, batch), where) * scale
-            (grad,) = torch.autograd.grad(loss, w, create_graph=True)
-        self._w = w
-        self._grad = grad
+            if fn.hvp_kind == "autograd":
+                try:
+                    loss, grad = self._build_graph(w0)
+                except (RuntimeError, NotImplementedError) as err:  # no double backward here?
+                    loss, grad = fn.gradient(w0, self._batch, scale=scale, where=where)  # a user error raises here
+                    fn.fall_back(err)  # first order works: the second order is what failed
+            else:
+                loss, grad = fn.gradient(w0, self._batch, scale=scale, where=where)
         self.local_loss = loss.detach()
         self.local_gradient = grad.detach()
         self.loss = _reduce(loss.detach().clone(), reduce_fn)
         self.gradient = _reduce(grad.detach().clone(), reduce_fn)
         if not (torch.isfinite(self.loss).all() and torch.isfinite(self.gradient).all()):
             raise NonFiniteProbeError(f"the loss or its gradient is not finite on {where}.")
+        self._w0_norm = float(w0.norm())
+
+    def _build_graph(self, w0: Tensor) -> tuple[Tensor, Tensor]:
+        """Loss and gradient at ``w0`` with the gradient's graph kept for double-backward products."""
+        fn = self.fn
+        w = w0.clone().requires_grad_(True)
+        with fn.bind(w):
+            loss = _check_loss(fn.loss_fn(fn.model, self._batch), self.where) * self.scale
+            _check_depends(loss, self.where)
+            (grad,) = torch.autograd.grad(loss, w, create_graph=True)
+        self._w, self._grad = w, grad
+        return loss, grad
+
+    @property
+    def kind(self) -> str:
+        """The kind of product this operator applies: ``"autograd"`` or ``"finite_difference"``."""
+        return "autograd" if self._grad is not None and self.fn.hvp_kind == "autograd" else "finite_difference"
 
     @property
     def dim(self) -> int:
@@ -290,30 +443,55 @@ class HessianOperator:
             while lo < b:
                 hi = min(b, lo + chunk)
                 part = block[:, lo:hi].to(device=dev, dtype=self.fn.dtype)
-                if not self._grad.requires_grad:  # the loss is (at most) linear in the parameters
-                    out[:, lo:hi] = 0
-                elif hi - lo > 1 and self._batched:
-                    hv = self._batched_hvp(part)
-                    if hv is None:  # vmap failed for this model: per-vector products from now on
+                if self.kind == "autograd":
+                    try:
+                        done = self._autograd_products(part, out[:, lo:hi])
+                    except (RuntimeError, NotImplementedError) as err:  # the double backward itself failed
+                        self.fn.fall_back(err)
+                        self._w = self._grad = None
                         continue
-                    out[:, lo:hi] = hv.T
+                    if not done:  # vmap failed for this model: per-vector products from now on
+                        continue
                 else:
                     for i in range(hi - lo):
-                        (hv,) = torch.autograd.grad(
-                            self._grad,
-                            self._w,
-                            part[:, i],
-                            retain_graph=True,
-                            allow_unused=True,
-                            materialize_grads=True,
-                        )
-                        out[:, lo + i] = hv
+                        out[:, lo + i] = self._difference_product(part[:, i])
                 lo = hi
             self.num_hvps += b
             out = _reduce(out, self.reduce_fn)
         if not torch.isfinite(out).all():
             raise NonFiniteProbeError(f"a Hessian-vector product is not finite on {self.where}.")
         return out.to(v.device).reshape(v.shape)
+
+    def _autograd_products(self, part: Tensor, out: Tensor) -> bool:
+        """Write ``H part`` into ``out`` by double backward; False when the batched pass failed (nothing written)."""
+        assert self._w is not None and self._grad is not None
+        if not self._grad.requires_grad:  # the loss is (at most) linear in the parameters
+            out.zero_()
+            return True
+        with self.fn.bind(self._w):  # a checkpointed forward recomputes with the probe's parameters
+            if part.shape[1] > 1 and self._batched:
+                hv = self._batched_hvp(part)
+                if hv is None:
+                    return False
+                out.copy_(hv.T)
+                return True
+            for i in range(part.shape[1]):
+                (hv,) = torch.autograd.grad(
+                    self._grad, self._w, part[:, i], retain_graph=True, allow_unused=True, materialize_grads=True
+                )
+                out[:, i] = hv
+        return True
+
+    def _difference_product(self, v: Tensor, step_factor: float = 1.0) -> Tensor:
+        """``(∇L(w0 + εv) − ∇L(w0 − εv)) / 2ε`` (this process's part, before the reduction); ε times ``step_factor``."""
+        norm = float(v.norm())
+        if norm == 0.0:
+            return torch.zeros_like(v)
+        eps = step_factor * finite_difference_step(self._w0_norm, norm, self.fn.dtype)
+        fn, w0 = self.fn, self._w0
+        _, g_plus = fn.gradient(w0 + eps * v, self._batch, scale=self.scale, where=self.where)
+        _, g_minus = fn.gradient(w0 - eps * v, self._batch, scale=self.scale, where=self.where)
+        return (g_plus - g_minus) / (2.0 * eps)
 
     def _batched_hvp(self, part: Tensor) -> Tensor | None:
         """``(H part)^T`` of shape ``(b, N)`` by one batched backward pass; None (and loops from now on) if it fails."""
@@ -379,7 +557,7 @@ def per_sample_statistics(
     m = _batch_size(batch)
     D = U.shape[1]
     limit = max(1, BATCH_ELEMENTS // n) if max_batch is None else max_batch
-    if m == 0 or D > limit or not _vmap_allowed(fn):
+    if m == 0 or D > limit or not _vmap_allowed(fn) or fn.hvp_kind != "autograd":
         return None
     per_chunk = max(1, limit // D)
     batch = fn.prepare(batch)

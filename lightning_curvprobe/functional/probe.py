@@ -344,6 +344,7 @@ def probe_stability(
     generator: torch.Generator | None = None,
     max_basis: int | None = None,
     quadratic_error_samples: int = 8,
+    hvp: str = "auto",
 ) -> ProbeResult:
     r"""Curvature-aligned stability :math:`\Delta_2^{(D)}` of the loss when one more sample joins the data.
 
@@ -372,6 +373,9 @@ def probe_stability(
         generator: source of every random number (default: a generator seeded 0).
         max_basis: eigensolver memory in basis vectors (default about ``2D + 10``).
         quadratic_error_samples: draws for ``quadratic_error`` (0 skips it; one forward pass each).
+        hvp: ``"autograd"`` (double backward), ``"finite_difference"`` (central differences of gradients, for models
+            without second derivatives) or ``"auto"`` (autograd, falling back to finite differences once when the
+            model has no double backward); see :class:`~lightning_curvprobe.functional.HessianOperator`.
 
     Returns:
         A :class:`ProbeResult` in the model's dtype (float64 for a float64 model, float32 otherwise).
@@ -387,7 +391,7 @@ def probe_stability(
         >>> res.eigenvectors.shape, res.delta2.dtype, bool(res.delta2 >= 0)
         (torch.Size([49, 3]), torch.float64, True)
     """
-    fn = ModelFunction(model, loss_fn)
+    fn = ModelFunction(model, loss_fn, hvp=hvp)
     D, sigma, estimator, num_samples, tol = _check_common(
         num_eigenvectors, sigma, estimator, num_samples, tol, fn.num_params
     )
