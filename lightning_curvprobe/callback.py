@@ -6,10 +6,8 @@ The callback only schedules, handles Lightning's contexts and logs; the mathemat
 
 from __future__ import annotations
 
-import contextlib
-import math
-import random
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -18,7 +16,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from typing_extensions import override
 
 from lightning_curvprobe._checks import (
@@ -28,16 +25,22 @@ from lightning_curvprobe._checks import (
     _check_num_eigenvectors,
     _check_positive_float,
 )
-from lightning_curvprobe.functional._batch import _batch_size, _cast_batch, _slice_batch
-from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
-from lightning_curvprobe.functional.hvp import (
-    HessianOperator,
-    ModelFunction,
-    NonFiniteProbeError,
-    _check_loss,
-    _probe_mode,
+from lightning_curvprobe._logging import ProbeLogger
+from lightning_curvprobe._probe_data import (
+    CLONE_ELEMENTS,
+    clone,
+    draw_probe_batch,
+    probe_data_len,
+    select,
+    training_step_loss,
+    untouched_rng,
+    user_state_kept,
 )
+from lightning_curvprobe.functional._batch import _batch_size, _cast_batch
+from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
+from lightning_curvprobe.functional.hvp import HVP_KINDS, HessianOperator, ModelFunction, NonFiniteProbeError
 from lightning_curvprobe.functional.lanczos import EigenResult, _default_num_extra
+from lightning_curvprobe.functional.preflight import preflight
 from lightning_curvprobe.functional.probe import _eigensolve
 from lightning_curvprobe.metric import CurvatureStability
 
@@ -72,6 +75,7 @@ class CurvatureStabilityCallback(Callback):
       :math:`\sigma` (small = :math:`\sigma` is inside the local regime).
     - ``<prefix>/delta2_stderr``: standard error of ``delta2`` over added samples (only when ``num_added_samples > 1``).
     - ``<prefix>/sigma``: the probe scale in use (the selected one with ``sigma="auto"``).
+    - ``<prefix>/probe_seconds``: the probe's wall time at this validation epoch.
     - with ``sample_sizes`` (at refreshes): ``<prefix>/decay_exponent`` and ``<prefix>/delta1_exponent`` (log-log
       slopes of :math:`\Delta_2^{(D)}` and :math:`\Delta_1` against ``k+1``; theory about -2 and -1) and
       ``<prefix>/sufficient_k`` (the extrapolated smallest ``k`` with :math:`\Delta_2^{(D)} \le`
@@ -84,10 +88,19 @@ class CurvatureStabilityCallback(Callback):
       ``<prefix>/sample_growth`` (log-log :math:`\Delta` against ``k+1`` with the fitted lines; parallel straight lines
       of slope about -2 and -1 mean the theory's regime, a flattening curve means more data stops helping).
 
-    A probe that meets a non-finite loss or Hessian-vector product logs NaN and warns once; Lightning's
+    Before the first training step (and at the start of ``trainer.validate``) a pre-flight probe at the initial
+    weights evaluates one loss, one gradient, one Hessian-vector product and one batched per-sample call, so that a
+    model or loss the probe cannot handle fails there with a message naming the cause; it also warns once when the
+    loss is not a per-sample mean. A probe that fails later (a non-finite loss or product, or any error) logs NaN and
+    warns once with the cause, and training goes on (``on_error="raise"`` stops instead); Lightning's
     ``EarlyStopping(check_finite=True)`` (its default) then stops the run — a NaN probe usually means the training
-    itself diverged. The callback never changes the training it watches: weights, ``.grad``, optimizer state,
-    BatchNorm buffers, train/eval modes and the global RNG streams are left exactly as they were.
+    itself diverged.
+
+    The callback never changes the training it watches: the module keeps the same Parameter objects (aliased, tied
+    and parametrized modules included), and weights, ``.grad``, optimizer state, BatchNorm buffers, train/eval modes,
+    the global RNG streams and the module's Python-side state (lists, counters, torchmetrics states that
+    ``training_step`` updates) are left exactly as they were. The probe runs in eval mode (Dropout off, BatchNorm on
+    its running statistics), with autocast off, attention (SDPA) on its math backend and compiled modules run eagerly.
 
     Args:
         num_eigenvectors: ``D``, the subspace dimension (``1 <= D <`` number of trainable parameters).
@@ -122,6 +135,12 @@ class CurvatureStabilityCallback(Callback):
         sufficient_tolerance: the :math:`\Delta_2^{(D)}` target of ``sufficient_k``.
         full_space_samples: Monte Carlo draws of the full-space :math:`\Delta_2` (0 = off; single-process runs;
             two forward passes per draw and added sample).
+        hvp: how Hessian-vector products are taken: ``"autograd"`` (double backward), ``"finite_difference"``
+            (central differences of gradients, two first-order passes per product, for models without second
+            derivatives such as reentrant activation checkpointing) or ``"auto"`` (autograd, falling back to finite
+            differences once, with one info message, when the pre-flight finds no double backward). The kind in use
+            is :attr:`hvp_in_use` after the pre-flight.
+        on_error: ``"warn"`` (a probe that fails during training logs NaN and warns once) or ``"raise"``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -153,6 +172,8 @@ class CurvatureStabilityCallback(Callback):
         sample_sizes: list[int] | None = None,
         sufficient_tolerance: float | None = None,
         full_space_samples: int = 0,
+        hvp: Literal["auto", "autograd", "finite_difference"] = "auto",
+        on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
         super().__init__()
         self.num_eigenvectors = _check_int("num_eigenvectors", num_eigenvectors, minimum=1)
@@ -166,7 +187,7 @@ class CurvatureStabilityCallback(Callback):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(pl_module, batch) or None, got {loss_fn!r}.")
         self.loss_fn = loss_fn
         if probe_data is not None:
-            n = _probe_data_len(probe_data)
+            n = probe_data_len(probe_data)
             need = num_probe_samples + num_added_samples
             if n < need:
                 raise ValueError(
@@ -211,8 +232,15 @@ class CurvatureStabilityCallback(Callback):
             else _check_positive_float("sufficient_tolerance", sufficient_tolerance)
         )
         self.full_space_samples = _check_int("full_space_samples", full_space_samples, minimum=0)
+        self.hvp = _check_choice("hvp", hvp, HVP_KINDS)
+        self.on_error = _check_choice("on_error", on_error, ("warn", "raise"))
         self._sigma_value = 1e-3 if self.sigma == "auto" else float(self.sigma)
-        self._warned_plot = False
+        self._logger = ProbeLogger(log_prefix)
+        self._warned: set[str] = set()
+        self._warned_no_probe = False
+        self._probes_this_fit = 0
+        #: the kind of Hessian-vector product in use after the pre-flight: "autograd" or "finite_difference"
+        self.hvp_in_use: str | None = None
         # runtime state
         self._generator = torch.Generator().manual_seed(seed)
         self._basis: Tensor | None = None  # (N, D + p) from the last refresh, warm start of the next
@@ -222,7 +250,6 @@ class CurvatureStabilityCallback(Callback):
         self._added: Any = None
         self._num_probes = 0
         self._num_refreshes = 0
-        self._warned_nonfinite = False
         self._metric: CurvatureStability | None = None
         self.last_result: EigenResult | None = None
         self.last_curve: StabilityCurve | None = None
@@ -271,6 +298,7 @@ class CurvatureStabilityCallback(Callback):
                 num_samples=self.num_mc_samples,
                 quadratic_error_samples=self.quadratic_error_samples,
                 seed=self.seed,
+                hvp=self.hvp,
                 sync_on_compute=True,
             )
 
@@ -294,6 +322,14 @@ class CurvatureStabilityCallback(Callback):
                 )
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._probes_this_fit = 0
+        reason = _no_validation_reason(trainer, pl_module)
+        if reason is not None:
+            rank_zero_warn(f"CurvatureStabilityCallback: {reason}, so no probe will run in this fit.")
+            self._warned_no_probe = True
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._prepare_probe_data(trainer, pl_module)
 
@@ -302,156 +338,210 @@ class CurvatureStabilityCallback(Callback):
         if not trainer.sanity_checking and self._base is None:
             self._prepare_probe_data(trainer, pl_module)
 
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._probes_this_fit == 0 and not self._warned_no_probe:
+            rank_zero_warn(
+                "CurvatureStabilityCallback: no validation epoch ended during this fit, so no probe ran (validation "
+                "runs every `check_val_every_n_epoch` epochs; the probe runs at the end of each validation epoch)."
+            )
+            self._warned_no_probe = True
+
     # ------------------------------------------------------------------ probe
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if self._base is None:
-            self._prepare_probe_data(trainer, pl_module)
-        values = self._probe(trainer, pl_module)
-        self._log(trainer, pl_module, values)
+        start = time.perf_counter()
+        unrestored: list[str] = []
+        try:
+            with untouched_rng(pl_module.device), user_state_kept(pl_module) as unrestored:
+                if self._base is None:
+                    self._prepare_probe_data(trainer, pl_module)
+                values = self._probe(trainer, pl_module)
+        except Exception as err:  # noqa: BLE001 - the run goes on unless on_error="raise"
+            if self.on_error == "raise":
+                raise
+            values = self._failed(trainer, err)
+        self._probes_this_fit += 1
+        if unrestored:
+            self._warn_once(
+                "state",
+                f"attributes {unrestored} of the module were changed in place during the probe and are too large to "
+                f"have been copied beforehand (more than {CLONE_ELEMENTS} elements); pass a `loss_fn` without side "
+                "effects.",
+            )
+        values["probe_seconds"] = time.perf_counter() - start
+        self.history.append({"epoch": float(trainer.current_epoch), **values})
+        qe = values.get("quadratic_error", float("nan"))
+        if qe > self.max_quadratic_error:
+            self._warn_once(
+                "quadratic_error",
+                f"quadratic_error = {qe:.3g} exceeds max_quadratic_error = {self.max_quadratic_error}: sigma = "
+                f"{self._sigma_value:g} leaves the local regime where the quadratic model (and delta2) is meaningful; "
+                "use sigma='auto' or a smaller sigma.",
+            )
+        self._logger.log(trainer, pl_module, values, self._eigenvalues, self.last_curve)
+
+    def _failed(self, trainer: Trainer, err: Exception) -> dict[str, float]:
+        """NaN values for a probe that failed, with one warning naming the cause."""
+        if isinstance(err, NonFiniteProbeError):
+            message = f"{err} Logging NaN"
+            hint = "(a NaN probe usually means the training itself diverged)"
+        else:
+            message = f"the probe failed ({type(err).__name__}: {err}). Logging NaN"
+            hint = "(pass on_error='raise' to stop on such errors)"
+        self._warn_once("failed", f"{message}; the model is untouched and training goes on {hint}.")
+        nan = float("nan")
+        values = {key: nan for key in _KEYS}
+        values["hvps"] = 0.0
+        values["sigma"] = self._sigma_value
+        if self.num_added_samples > 1:
+            values["delta2_stderr"] = nan
+        return values
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"CurvatureStabilityCallback: {message}")
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        assert self._metric is not None
+        """Refresh (or reuse) the subspace, then measure the criterion in it; raises on failure."""
         refresh = self._basis is None or self._num_probes % self.refresh_every_n_epochs == 0
         self._num_probes += 1
-        metric = self._metric.to(pl_module.device)
-        nan = float("nan")
-        try:
-            with _untouched_rng(pl_module.device):
-                fn = ModelFunction(pl_module, self._loss_fn(pl_module))
-                world = trainer.world_size
-                reduce_fn = _all_reduce_sum if world > 1 and torch.distributed.is_initialized() else None
-                k_local = _batch_size(self._base)
-                scale = k_local / self.num_probe_samples
-                op = self._call_user(
-                    lambda: HessianOperator(fn, self._base, scale=scale, reduce_fn=reduce_fn, where="the base samples"),
-                    "the base samples",
-                )
-                if self._basis is not None and self._basis.shape[0] != fn.num_params:
-                    self._trainable_set_changed(self._basis.shape[0], fn.num_params)
-                    refresh = True
-                prev = self._basis
-                hvps = 0
-                if refresh:
-                    if prev is None:
-                        warm = None
-                    elif self.basis_device is None:
-                        warm = prev.to(device=fn.device, dtype=fn.dtype)
-                    else:  # stays where it is kept: the solver moves it one column at a time
-                        warm = prev.to(dtype=fn.dtype)
-                    eig = self._call_user(
-                        lambda: _eigensolve(
-                            op,
-                            self.num_eigenvectors,
-                            tol=self.tol,
-                            max_basis=self.max_basis,
-                            warm_start=warm,
-                            generator=self._generator,
-                            basis_device=self.basis_device,
-                        ),
-                        "the base samples (eigensolver)",
-                    )
-                    hvps = eig.hvps
-                    self.last_result = eig
-                    if not eig.converged:
-                        rank_zero_warn(
-                            f"CurvatureStabilityCallback: the eigensolver stopped after {eig.hvps} Hessian-vector "
-                            f"products without reaching tol={self.tol}; raise `max_basis` or `tol`."
-                        )
-                    D = self.num_eigenvectors
-                    U_prev = None if prev is None else prev[:, :D].to(eig.eigenvectors)
-                    overlap = nan if U_prev is None else float((U_prev.T @ eig.eigenvectors).pow(2).sum()) / D
-                    self._basis = eig.basis.detach()
-                    self._eigenvalues = eig.eigenvalues.detach()
-                    self._num_refreshes += 1
-                else:
-                    overlap = 1.0
-                assert self._basis is not None and self._eigenvalues is not None
-                U = self._basis[:, : self.num_eigenvectors].to(device=fn.device, dtype=fn.dtype)
-                if refresh:
-                    projected = self._eigenvalues.to(U)  # U^T H_k U = diag(eigenvalues) at these weights
-                else:
-                    # the kept U is no eigenbasis at the current weights: U^T H_k U from D products (one block)
-                    HU = self._call_user(lambda: op.matvec(U), "the base samples (projected Hessian)")
-                    projected = U.T @ HU
-                    projected = 0.5 * (projected + projected.T)
-                    self._eigenvalues = torch.linalg.eigvalsh(projected).flip(0)
-                if refresh and self.sigma == "auto":
-                    selection = self._call_user(
-                        lambda: select_sigma(
-                            pl_module,
-                            self._loss_fn(pl_module),
-                            self._base,
-                            U,
-                            self._eigenvalues.to(U),  # type: ignore[union-attr]
-                            max_quadratic_error=self.max_quadratic_error,
-                            generator=self._generator,
-                        ),
-                        "the base samples (sigma selection)",
-                    )
-                    self._sigma_value = float(trainer.strategy.broadcast(selection.sigma))
-                metric.sigma = self._sigma_value
-                metric.reset()
-                failed: NonFiniteProbeError | None = None
-                try:
-                    self._call_user(
-                        lambda: metric.update(
-                            pl_module,
-                            self._loss_fn(pl_module),
-                            self._base,
-                            self._added,
-                            U,
-                            projected,
-                            base_loss=op.local_loss / scale,
-                            base_grad=op.local_gradient / scale,
-                        ),
-                        "the added samples",
-                    )
-                except NonFiniteProbeError as err:
-                    failed = err
-                # the added samples and probe points are this rank's own: all ranks learn of a failure on any of
-                # them before compute() (which every rank must call, or the others wait for ever)
-                if reduce_fn is not None:
-                    flag = reduce_fn(torch.tensor([float(failed is not None)], device=fn.device))
-                    if failed is None and float(flag[0]) > 0:
-                        failed = NonFiniteProbeError("a probe value is not finite on another process.")
-                if failed is not None:
-                    metric.reset()
-                    raise failed
-                delta2 = float(metric.compute())
-                details = metric.details
-                extra = self._extras(pl_module, refresh)
-            values = {
-                "delta2": delta2,
-                "delta1": float(details["delta1"]),
-                "lambda_max": float(self._eigenvalues[0]),
-                "subspace_overlap": overlap,
-                "hvps": float(hvps),
-                "quadratic_error": float(details["quadratic_error"]),
-                "sigma": self._sigma_value,
-            }
-            if "delta2_full" in extra:
-                extra["subspace_ratio"] = delta2 / extra["delta2_full"] if extra["delta2_full"] > 0 else nan
-            values.update(extra)
-            if self.num_added_samples > 1:
-                values["delta2_stderr"] = float(details["delta2_stderr"])
-        except NonFiniteProbeError as err:
-            if not self._warned_nonfinite:
-                rank_zero_warn(
-                    f"CurvatureStabilityCallback: {err} Logging NaN; the model is untouched and training goes on "
-                    "(a NaN probe usually means the training itself diverged)."
-                )
-                self._warned_nonfinite = True
-            values = {key: nan for key in _KEYS}
-            values["hvps"] = 0.0
-            values["sigma"] = self._sigma_value
-            if self.num_added_samples > 1:
-                values["delta2_stderr"] = nan
-        self.history.append({"epoch": float(trainer.current_epoch), **values})
+        fn = self._function(pl_module)
+        world = trainer.world_size
+        reduce_fn = _all_reduce_sum if world > 1 and torch.distributed.is_initialized() else None
+        scale = _batch_size(self._base) / self.num_probe_samples
+        op = self._call_user(
+            lambda: HessianOperator(fn, self._base, scale=scale, reduce_fn=reduce_fn, where="the base samples"),
+            "the base samples",
+        )
+        if self._basis is not None and self._basis.shape[0] != fn.num_params:
+            self._trainable_set_changed(self._basis.shape[0], fn.num_params)
+            refresh = True
+        hvps, overlap = self._refresh(op) if refresh else (0, 1.0)
+        assert self._basis is not None and self._eigenvalues is not None
+        U = self._basis[:, : self.num_eigenvectors].to(device=fn.device, dtype=fn.dtype)
+        if refresh:
+            projected = self._eigenvalues.to(U)  # U^T H_k U = diag(eigenvalues) at these weights
+        else:
+            # the kept U is no eigenbasis at the current weights: U^T H_k U from D products (one block)
+            HU = self._call_user(lambda: op.matvec(U), "the base samples (projected Hessian)")
+            projected = U.T @ HU
+            projected = 0.5 * (projected + projected.T)
+            self._eigenvalues = torch.linalg.eigvalsh(projected).flip(0)
+        if refresh and self.sigma == "auto":
+            selection = self._call_user(
+                lambda: select_sigma(
+                    pl_module,
+                    self._loss_fn(pl_module),
+                    self._base,
+                    U,
+                    self._eigenvalues.to(U),  # type: ignore[union-attr]
+                    max_quadratic_error=self.max_quadratic_error,
+                    generator=self._generator,
+                ),
+                "the base samples (sigma selection)",
+            )
+            self._sigma_value = float(trainer.strategy.broadcast(selection.sigma))
+        delta2, details = self._measure(pl_module, op, U, projected, scale, reduce_fn)
+        values = {
+            "delta2": delta2,
+            "delta1": float(details["delta1"]),
+            "lambda_max": float(self._eigenvalues[0]),
+            "subspace_overlap": overlap,
+            "hvps": float(hvps),
+            "quadratic_error": float(details["quadratic_error"]),
+            "sigma": self._sigma_value,
+        }
+        extra = self._extras(pl_module, refresh)
+        if "delta2_full" in extra:
+            extra["subspace_ratio"] = delta2 / extra["delta2_full"] if extra["delta2_full"] > 0 else float("nan")
+        values.update(extra)
+        if self.num_added_samples > 1:
+            values["delta2_stderr"] = float(details["delta2_stderr"])
         return values
+
+    def _refresh(self, op: HessianOperator) -> tuple[int, float]:
+        """A new top-D subspace, warm-started from the kept one; returns the products spent and the overlap."""
+        fn = op.fn
+        prev = self._basis
+        if prev is None:
+            warm = None
+        elif self.basis_device is None:
+            warm = prev.to(device=fn.device, dtype=fn.dtype)
+        else:  # stays where it is kept: the solver moves it one column at a time
+            warm = prev.to(dtype=fn.dtype)
+        eig = self._call_user(
+            lambda: _eigensolve(
+                op,
+                self.num_eigenvectors,
+                tol=self.tol,
+                max_basis=self.max_basis,
+                warm_start=warm,
+                generator=self._generator,
+                basis_device=self.basis_device,
+            ),
+            "the base samples (eigensolver)",
+        )
+        self.last_result = eig
+        if not eig.converged:
+            rank_zero_warn(
+                f"CurvatureStabilityCallback: the eigensolver stopped after {eig.hvps} Hessian-vector "
+                f"products without reaching tol={self.tol}; raise `max_basis` or `tol`."
+            )
+        D = self.num_eigenvectors
+        U_prev = None if prev is None else prev[:, :D].to(eig.eigenvectors)
+        overlap = float("nan") if U_prev is None else float((U_prev.T @ eig.eigenvectors).pow(2).sum()) / D
+        self._basis = eig.basis.detach()
+        self._eigenvalues = eig.eigenvalues.detach()
+        self._num_refreshes += 1
+        return eig.hvps, overlap
+
+    def _measure(
+        self,
+        pl_module: LightningModule,
+        op: HessianOperator,
+        U: Tensor,
+        projected: Tensor,
+        scale: float,
+        reduce_fn: Callable[[Tensor], Tensor] | None,
+    ) -> tuple[float, dict[str, Tensor]]:
+        """The criterion through the metric (synced across ranks): ``delta2`` and the metric's details."""
+        assert self._metric is not None
+        metric = self._metric.to(pl_module.device)
+        metric.sigma = self._sigma_value
+        metric.reset()
+        failed: NonFiniteProbeError | None = None
+        try:
+            self._call_user(
+                lambda: metric.update(
+                    pl_module,
+                    self._loss_fn(pl_module),
+                    self._base,
+                    self._added,
+                    U,
+                    projected,
+                    base_loss=op.local_loss / scale,
+                    base_grad=op.local_gradient / scale,
+                ),
+                "the added samples",
+            )
+        except NonFiniteProbeError as err:
+            failed = err
+        # the added samples and probe points are this rank's own: all ranks learn of a failure on any of them before
+        # compute() (which every rank must call, or the others wait for ever)
+        if reduce_fn is not None:
+            flag = reduce_fn(torch.tensor([float(failed is not None)], device=op.fn.device))
+            if failed is None and float(flag[0]) > 0:
+                failed = NonFiniteProbeError("a probe value is not finite on another process.")
+        if failed is not None:
+            metric.reset()
+            raise failed
+        delta2 = float(metric.compute())
+        return delta2, metric.details
 
     def _trainable_set_changed(self, old: int, new: int) -> None:
         """The kept subspace lives in another parameter space: drop it (the refresh is cold)."""
@@ -484,6 +574,7 @@ class CurvatureStabilityCallback(Callback):
                     tolerance=self.sufficient_tolerance,
                     generator=self._generator,
                     warm_start=self._basis,
+                    hvp=self.hvp,
                 ),
                 "the base samples (sample-growth curve)",
             )
@@ -514,152 +605,63 @@ class CurvatureStabilityCallback(Callback):
             return thunk()
         except NonFiniteProbeError:
             raise
-        except Exception as err:  # noqa: BLE001 - re-raised with context
-            raise RuntimeError(
+        except Exception as err:  # noqa: BLE001 - re-raised with context, same type where possible
+            message = (
                 f"CurvatureStabilityCallback: evaluating the loss on {where} failed (probe {self._num_probes}, "
                 f"{self.num_probe_samples} base samples, {self.num_added_samples} added samples): "
                 f"{type(err).__name__}: {err}"
-            ) from err
-
-    def _log(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float]) -> None:
-        dtype = self._eigenvalues.dtype if self._eigenvalues is not None else torch.float32
-        for key, value in values.items():
-            pl_module.log(
-                f"{self.log_prefix}/{key}",
-                torch.tensor(value, dtype=dtype),
-                on_step=False,
-                on_epoch=True,
-                prog_bar=key == "delta2",
-                logger=True,
-                # identical on every rank already; the (exact) mean only silences Lightning's DDP advice
-                sync_dist=trainer.world_size > 1,
             )
-        if trainer.is_global_zero and self._eigenvalues is not None and not math.isnan(values["delta2"]):
-            for logger in trainer.loggers:
-                experiment = getattr(logger, "experiment", None)
-                if experiment is not None and type(logger).__name__ == "TensorBoardLogger":
-                    # the step Lightning gives the epoch's scalars (the last optimizer step), so the two line up
-                    step = max(trainer.global_step - 1, 0)
-                    experiment.add_histogram(f"{self.log_prefix}/eigenvalues", self._eigenvalues.float().cpu(), step)
-                    if values.get("hvps", 0) > 0:  # a refresh: draw the pictures
-                        self._log_figures(experiment, step)
-
-    def _log_figures(self, experiment: Any, step: int) -> None:
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            if not self._warned_plot:
-                rank_zero_info(
-                    "CurvatureStabilityCallback: install matplotlib (pip install 'lightning-curvprobe[plot]') to get "
-                    "the spectrum and sample-growth images in TensorBoard; skipping them."
-                )
-                self._warned_plot = True
-            return
-        assert self._eigenvalues is not None
-        eig = self._eigenvalues.detach().double().cpu()
-        fig = Figure(figsize=(4.5, 3.2), dpi=100)
-        ax = fig.add_subplot()
-        ax.plot(range(1, len(eig) + 1), eig.tolist(), "o-")
-        ax.set_xlabel("index i")
-        ax.set_ylabel("Hessian eigenvalue λ_i")
-        ax.set_title(f"top-{len(eig)} spectrum")
-        fig.tight_layout()
-        experiment.add_figure(f"{self.log_prefix}/spectrum", fig, step)
-        curve = self.last_curve
-        if curve is not None:
-            fig = Figure(figsize=(4.5, 3.2), dpi=100)
-            ax = fig.add_subplot()
-            kp1 = [k + 1 for k in curve.sample_sizes]
-            for name, vals, slope, icpt in (
-                ("Δ₂^(D)", curve.delta2, curve.decay_exponent, curve.intercept),
-                ("Δ₁", curve.delta1, curve.delta1_exponent, curve.delta1_intercept),
-            ):
-                line = ax.loglog(kp1, [float(v) for v in vals], "o", label=f"{name}: slope {slope:.2f}")[0]
-                if math.isfinite(slope):
-                    ax.loglog(kp1, [math.exp(icpt) * x**slope for x in kp1], "-", color=line.get_color())
-            ax.set_xticks(kp1, labels=[str(x) for x in kp1])
-            ax.set_xticks([], minor=True)
-            ax.set_xlabel("k + 1")
-            ax.set_ylabel("criterion")
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            experiment.add_figure(f"{self.log_prefix}/sample_growth", fig, step)
+            try:
+                wrapped = type(err)(message)
+            except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+                wrapped = RuntimeError(message)
+            raise wrapped from err
 
     # ------------------------------------------------------------------ data and loss
 
     def _loss_fn(self, pl_module: LightningModule) -> Callable[[Any, Any], Tensor]:
         if self.loss_fn is not None:
             return self.loss_fn
-        return _training_step_loss
+        return training_step_loss
+
+    def _function(self, pl_module: LightningModule) -> ModelFunction:
+        """The module's loss on flat parameters, with the product kind the pre-flight settled on."""
+        return ModelFunction(pl_module, self._loss_fn(pl_module), hvp=self.hvp)
 
     def _prepare_probe_data(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fix the probe samples once: this rank's share of the base and added sets, on the module's device."""
+        """Fix the probe samples once (this rank's share, on the module's device), then run the pre-flight."""
         if self._base is not None:
             return
         self._check_trainable(pl_module)
         k, m = self.num_probe_samples, self.num_added_samples
-        with _untouched_rng(pl_module.device):
-            if self.probe_data is not None:
-                batch = _take(self.probe_data, list(range(k + m)), collate=default_collate)
-            else:
-                batch = self._draw_from_train_loader(trainer, k + m)
-        rank, world = trainer.global_rank, trainer.world_size
-        base_idx = list(range(rank, k, world))
-        added_idx = list(range(k + rank, k + m, world))
-        device = pl_module.device
-        with torch.inference_mode(False):
-            base = _cast_batch(_select(batch, base_idx), device=device)
-            added = _cast_batch(_select(batch, added_idx), device=device)
-            self._base = _clone(base)
-            self._added = _clone(added)
-        # the loss must be a finite scalar before any training step
-        fn = ModelFunction(pl_module, self._loss_fn(pl_module))
-        with _untouched_rng(device), _probe_mode(pl_module), torch.no_grad():
-            loss = self._call_user(lambda: fn.loss(fn.current(), fn.prepare(self._base)), "the base samples")
-            _check_loss(loss, "the probe's base samples")
-
-    def _draw_from_train_loader(self, trainer: Trainer, n: int) -> Any:
-        loader = trainer.train_dataloader
-        datamodule = getattr(trainer, "datamodule", None)
-        if loader is None and datamodule is not None and hasattr(datamodule, "train_dataloader"):
-            try:
-                loader = datamodule.train_dataloader()
-            except Exception as err:  # noqa: BLE001 - e.g. setup("validate") built no training set
-                raise ValueError(
-                    "`probe_data` must be given when the training dataloader is not available: outside fit the "
-                    f"datamodule's train_dataloader() failed ({type(err).__name__}: {err}); got probe_data=None."
-                ) from err
-        if isinstance(loader, (list, tuple)) and loader:
-            loader = loader[0]
-        if isinstance(loader, dict) and loader:
-            loader = next(iter(loader.values()))
-        if not isinstance(loader, DataLoader):
-            raise ValueError(
-                "`probe_data` must be given when the training dataloader is not available (e.g. in "
-                f"trainer.validate() without a datamodule), got probe_data=None and train dataloader {loader!r}."
+        with untouched_rng(pl_module.device), user_state_kept(pl_module):
+            batch, self._probe_indices = draw_probe_batch(
+                trainer, self.probe_data, k + m, self._probe_indices, self._generator
             )
-        dataset = loader.dataset
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            batches, count = [], 0
-            for batch in loader:
-                batches.append(batch)
-                count += _batch_size(batch)
-                if count >= n:
-                    break
-            if count < n:
-                raise ValueError(f"the training dataloader yielded {count} samples, fewer than k + m = {n}.")
-            from lightning_curvprobe.functional._batch import _cat_batches
-
-            return _slice_batch(_cat_batches(batches), 0, n)
-        size = len(dataset)  # type: ignore[arg-type]
-        if size < n:
-            raise ValueError(
-                f"the training dataset holds {size} samples, fewer than num_probe_samples + num_added_samples = {n}."
+            rank, world = trainer.global_rank, trainer.world_size
+            device = pl_module.device
+            with torch.inference_mode(False):
+                base = _cast_batch(select(batch, list(range(rank, k, world))), device=device)
+                added = _cast_batch(select(batch, list(range(k + rank, k + m, world))), device=device)
+                base, added = clone(base), clone(added)
+            fn = self._function(pl_module)
+            report = self._call_user(lambda: preflight(fn, base, added, seed=self.seed), "the base samples (pre-flight)")
+        self._base, self._added = base, added
+        self.hvp_in_use = report.hvp_kind
+        if report.fallback_reason is not None:
+            rank_zero_info(
+                "CurvatureStabilityCallback: this model has no second derivatives here "
+                f"({report.fallback_reason}); Hessian-vector products are taken by finite differences of gradients "
+                "(hvp='finite_difference', two gradient evaluations per product)."
             )
-        if self._probe_indices is None:
-            perm = torch.randperm(size, generator=self._generator)[:n]
-            self._probe_indices = [int(i) for i in perm]
-        return _take(dataset, self._probe_indices, collate=loader.collate_fn or default_collate)
+        if not report.is_mean:
+            self._warn_once(
+                "mean",
+                f"the loss on all {_batch_size(base)} base samples is {report.mean_ratio:.4g} times the "
+                "sample-weighted mean of its values on two halves: the criterion assumes a per-sample mean loss "
+                "(a sum reduction makes delta2 about k^2 too large; a token-weighted mean over padded sequences "
+                "weighs samples unequally). Return the mean loss over the batch's samples.",
+            )
 
     # ------------------------------------------------------------------ state
 
@@ -704,33 +706,6 @@ class CurvatureStabilityCallback(Callback):
         self._base = self._added = None
 
 
-def _training_step_loss(pl_module: Any, batch: Any) -> Tensor:
-    """The loss returned by ``training_step(batch, 0)``, with the module's logging silenced."""
-    module = pl_module
-    noop = _noop
-    had = {name: name in module.__dict__ for name in ("log", "log_dict")}
-    module.__dict__["log"] = noop
-    module.__dict__["log_dict"] = noop
-    try:
-        out = module.training_step(batch, 0)
-    finally:
-        for name, present in had.items():
-            if not present:
-                del module.__dict__[name]
-    if isinstance(out, dict):
-        out = out.get("loss")
-    if not isinstance(out, Tensor):
-        raise ValueError(
-            "`loss_fn` is None, so the loss is taken from training_step's output, which must be a tensor or a dict "
-            f"with 'loss'; got {type(out).__name__}. Pass loss_fn=lambda module, batch: <mean loss of batch>."
-        )
-    return out
-
-
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
 def _all_reduce_sum(tensor: Tensor) -> Tensor:
     torch.distributed.all_reduce(tensor)
     return tensor
@@ -745,53 +720,18 @@ def _check_strategy(trainer: Trainer) -> None:
         )
 
 
-@contextlib.contextmanager
-def _untouched_rng(device: torch.device) -> Iterator[None]:
-    """Restore the global torch (CPU and CUDA), Python and NumPy RNG states on exit."""
-    py_state = random.getstate()
-    np_state = None
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        np = None  # type: ignore[assignment]
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py_state)
-        if np_state is not None:
-            np.random.set_state(np_state)
-
-
-def _probe_data_len(data: Any) -> int:
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        return len(data)  # type: ignore[arg-type]
-    if isinstance(data, IterableDataset):
-        raise TypeError("`probe_data` must be a map-style Dataset or a batch of tensors, got an IterableDataset.")
-    return _batch_size(data, "probe_data")
-
-
-def _take(data: Any, indices: Sequence[int], collate: Callable[[list[Any]], Any]) -> Any:
-    if isinstance(data, Dataset):
-        return collate([data[i] for i in indices])
-    return _select(data, list(indices))
-
-
-def _select(batch: Any, indices: list[int]) -> Any:
-    from lightning_curvprobe.functional._batch import _map_tensors
-
-    size = _batch_size(batch)
-    index = torch.tensor(indices, dtype=torch.long)
-    return _map_tensors(batch, lambda t: t[index.to(t.device)] if t.dim() > 0 and t.shape[0] == size else t)
-
-
-def _clone(batch: Any) -> Any:
-    from lightning_curvprobe.functional._batch import _map_tensors
-
-    return _map_tensors(batch, lambda t: t.detach().clone())
+def _no_validation_reason(trainer: Trainer, pl_module: LightningModule) -> str | None:
+    """Why no validation epoch (hence no probe) will run in this fit, or None."""
+    if not is_overridden("validation_step", pl_module):
+        return f"{type(pl_module).__name__} defines no validation_step"
+    limit = trainer.limit_val_batches
+    if limit == 0:
+        return f"limit_val_batches={limit!r}"
+    max_epochs = trainer.max_epochs
+    every = trainer.check_val_every_n_epoch
+    if every is not None and max_epochs is not None and 0 < max_epochs < every and trainer.max_steps == -1:
+        return f"check_val_every_n_epoch={every} exceeds max_epochs={max_epochs}"
+    return None
 
 
 def _num_trainable(module: LightningModule) -> int:

@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning_curvprobe import CurvatureStabilityCallback
 from lightning_curvprobe.functional import probe_stability
 
-KEYS = ("delta2", "delta1", "lambda_max", "subspace_overlap", "hvps", "quadratic_error", "sigma")
+KEYS = ("delta2", "delta1", "lambda_max", "subspace_overlap", "hvps", "quadratic_error", "sigma", "probe_seconds")
 PREFIXED = {f"curvprobe/{k}" for k in KEYS}
 
 pytestmark = pytest.mark.filterwarnings(

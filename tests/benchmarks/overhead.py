@@ -10,7 +10,7 @@ process, and prints the median ratio of fit wall times and a breakdown of the ca
 - ``coefficients``: ``CurvatureStability.update`` — the added samples' loss, projected gradient and projected
   Hessian (``m · D`` products) and the Monte Carlo forward passes;
 - ``estimator``: ``CurvatureStability.compute``;
-- ``logging``: ``CurvatureStabilityCallback._log``;
+- ``logging``: ``ProbeLogger.log``;
 - ``other``: the rest of ``on_validation_epoch_end`` (and the one-off probe-data preparation).
 
 Configurations (the first is the headline; each ratio is against the baseline fit of the same repeat):
@@ -61,9 +61,11 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate  # noqa:
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _models  # noqa: E402
 
-import lightning_curvprobe.callback as cbm  # noqa: E402
+import lightning_curvprobe.callback as cbm
 import lightning_curvprobe.functional.hvp as hvp  # noqa: E402
 from lightning_curvprobe import CurvatureStability, CurvatureStabilityCallback  # noqa: E402
+from lightning_curvprobe._logging import ProbeLogger
+from lightning_curvprobe._probe_data import training_step_loss  # noqa: E402
 from lightning_curvprobe.functional.hvp import HessianOperator, ModelFunction, _probe_mode  # noqa: E402
 from lightning_curvprobe.functional.probe import _eigensolve  # noqa: E402
 
@@ -113,7 +115,7 @@ def install_timers() -> None:
     TIMERS.wrap(cbm, "_eigensolve", "eigensolve", count)
     TIMERS.wrap(CurvatureStability, "update", "coefficients")
     TIMERS.wrap(CurvatureStability, "compute", "estimator")
-    TIMERS.wrap(CurvatureStabilityCallback, "_log", "logging")
+    TIMERS.wrap(ProbeLogger, "log", "logging")
     TIMERS.wrap(CurvatureStabilityCallback, "on_validation_epoch_end", "total")
     TIMERS.wrap(CurvatureStabilityCallback, "on_train_start", "setup")
 
@@ -289,7 +291,7 @@ def floor(task: Task, summary: Summary, repeats: int, k: int = 64, D: int = 10) 
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:k]  # as the callback draws
     batch = default_collate([dataset[int(i)] for i in idx])
     module = summary.module
-    fn = ModelFunction(module, cbm._training_step_loss)
+    fn = ModelFunction(module, training_step_loss)
 
     def median_ms(f: Callable[[], Any]) -> float:
         ts = []
