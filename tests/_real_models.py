@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 import torchmetrics
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrizations, parametrize
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -200,6 +201,39 @@ class CompiledMLP(RealModule):
     def compute_loss(self, batch: Any) -> Tensor:
         x, y = batch
         return F.cross_entropy(self.head(self.block(torch.tanh(self.inp(x)))), y)
+
+
+class _SoftplusOnce(torch.autograd.Function):
+    """softplus with a hand-written backward marked ``once_differentiable`` (like many custom kernels): gradients
+    work, double backward raises."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return F.softplus(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+class CustomFunctionMLP(RealModule):
+    """An activation implemented as a custom ``autograd.Function`` without double backward (and without a vmap rule);
+    ``custom=False`` is the same network with ``F.softplus`` (the reference twin)."""
+
+    def __init__(self, custom: bool = True) -> None:
+        super().__init__()
+        self.custom = custom
+        self.inp = nn.Linear(6, 16)
+        self.hidden = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def compute_loss(self, batch: Any) -> Tensor:
+        x, y = batch
+        act = _SoftplusOnce.apply if self.custom else F.softplus
+        return F.cross_entropy(self.head(act(self.hidden(torch.tanh(self.inp(x))))), y)
 
 
 class AliasedBackbone(RealModule):
@@ -386,6 +420,17 @@ def compiled_case() -> Case:
         (6,),
         make_reference=lambda: CompiledMLP(compiled=False),
         before_fit=torch._dynamo.reset,  # both runs start from the same (empty) compile caches
+        sigma=0.3,
+    )
+
+
+def custom_function_case() -> Case:
+    return _tensor_case(
+        "custom_function",
+        lambda: CustomFunctionMLP(custom=True),
+        (6,),
+        make_reference=lambda: CustomFunctionMLP(custom=False),
+        sigma=0.3,
     )
 
 
@@ -397,6 +442,7 @@ def backbone_case() -> Case:
         AliasedBackbone,
         (6,),
         extra_callbacks=lambda: [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)],
+        sigma=0.3,
     )
 
 
@@ -413,6 +459,7 @@ def checkpoint_case(use_reentrant: bool) -> Case:
         lambda: CheckpointMLP(use_reentrant),
         (6,),
         make_reference=lambda: CheckpointMLP(None),
+        sigma=0.3,
     )
 
 
@@ -523,7 +570,7 @@ class Float64Reference:
                         cols.append(self._flat(hv)[:, None])
         return torch.cat(cols, 1)
 
-    def top_eigenvalues(self, batch: Any, D: int, dense_max: int = 1500) -> Tensor:
+    def top_eigenvalues(self, batch: Any, D: int, dense_max: int = 1000) -> Tensor:
         """The top-``D`` eigenvalues of the Hessian on ``batch``, descending: dense ``eigh`` up to ``dense_max``
         parameters, ARPACK (``scipy.sparse.linalg.eigsh``, tol 1e-12) on the autograd products above."""
         if self.N <= dense_max:
