@@ -36,6 +36,7 @@ from lightning_curvprobe._probe_data import (
     untouched_rng,
     user_state_kept,
 )
+from lightning_curvprobe._signals import SIGNAL_KEYS, explain
 from lightning_curvprobe.functional._batch import _batch_size, _cast_batch
 from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
 from lightning_curvprobe.functional.hvp import HVP_KINDS, HessianOperator, ModelFunction, NonFiniteProbeError
@@ -76,6 +77,10 @@ class CurvatureStabilityCallback(Callback):
     - ``<prefix>/delta2_stderr``: standard error of ``delta2`` over added samples (only when ``num_added_samples > 1``).
     - ``<prefix>/sigma``: the probe scale in use (the selected one with ``sigma="auto"``).
     - ``<prefix>/probe_seconds``: the probe's wall time at this validation epoch.
+    - ``<prefix>/delta2_terms/a2``, ``<prefix>/delta2_terms/gradient``, ``<prefix>/delta2_terms/curvature``: the
+      Gaussian-moment decomposition of ``delta2`` (mean :math:`a^2`, :math:`\sigma^2\lVert c\rVert^2` and the terms in
+      :math:`B`), ``<prefix>/curvature_share`` :math:`= (\Delta_2^{(D)} - \overline{a^2})/\Delta_2^{(D)}` and
+      ``<prefix>/discrepancy`` :math:`= (k+1)^2\Delta_2^{(D)}` (see :func:`lightning_curvprobe._signals.explain`).
     - with ``sample_sizes`` (at refreshes): ``<prefix>/decay_exponent`` and ``<prefix>/delta1_exponent`` (log-log
       slopes of :math:`\Delta_2^{(D)}` and :math:`\Delta_1` against ``k+1``; theory about -2 and -1) and
       ``<prefix>/sufficient_k`` (the extrapolated smallest ``k`` with :math:`\Delta_2^{(D)} \le`
@@ -394,7 +399,7 @@ class CurvatureStabilityCallback(Callback):
             hint = "(pass on_error='raise' to stop on such errors)"
         self._warn_once("failed", f"{message}; the model is untouched and training goes on {hint}.")
         nan = float("nan")
-        values = {key: nan for key in _KEYS}
+        values = {key: nan for key in (*_KEYS, *SIGNAL_KEYS)}
         values["hvps"] = 0.0
         values["sigma"] = self._sigma_value
         if self.num_added_samples > 1:
@@ -456,6 +461,7 @@ class CurvatureStabilityCallback(Callback):
             "quadratic_error": float(details["quadratic_error"]),
             "sigma": self._sigma_value,
         }
+        values.update(explain(details, self._sigma_value, self.num_probe_samples))
         extra = self._extras(pl_module, refresh)
         if "delta2_full" in extra:
             extra["subspace_ratio"] = delta2 / extra["delta2_full"] if extra["delta2_full"] > 0 else float("nan")
@@ -645,7 +651,9 @@ class CurvatureStabilityCallback(Callback):
                 added = _cast_batch(select(batch, list(range(k + rank, k + m, world))), device=device)
                 base, added = clone(base), clone(added)
             fn = self._function(pl_module)
-            report = self._call_user(lambda: preflight(fn, base, added, seed=self.seed), "the base samples (pre-flight)")
+            report = self._call_user(
+                lambda: preflight(fn, base, added, seed=self.seed), "the base samples (pre-flight)"
+            )
         self._base, self._added = base, added
         self.hvp_in_use = report.hvp_kind
         if report.fallback_reason is not None:

@@ -29,9 +29,20 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_curvprobe import CurvatureStabilityCallback
+from lightning_curvprobe._signals import SIGNAL_KEYS
 from lightning_curvprobe.functional import probe_stability
 
-KEYS = ("delta2", "delta1", "lambda_max", "subspace_overlap", "hvps", "quadratic_error", "sigma", "probe_seconds")
+KEYS = (
+    "delta2",
+    "delta1",
+    "lambda_max",
+    "subspace_overlap",
+    "hvps",
+    "quadratic_error",
+    "sigma",
+    "probe_seconds",
+    *SIGNAL_KEYS,
+)
 PREFIXED = {f"curvprobe/{k}" for k in KEYS}
 
 pytestmark = pytest.mark.filterwarnings(

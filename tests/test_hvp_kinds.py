@@ -349,3 +349,19 @@ def test_preflight_measures_a_token_weighted_mean():
     report = preflight(ModelFunction(model, token_mean), (tokens, mask), (tokens[:1], mask[:1]))
     assert not report.is_mean and abs(report.mean_ratio - 1) > 1e-2
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_benchmark_script_quick_runs():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_WAIT_POLICY="PASSIVE")
+    script = os.path.join(root, "tests", "benchmarks", "hvp_kinds.py")
+    out = subprocess.run(
+        [sys.executable, script, "--quick"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for expected in ("finite differences float64", "max rel. eigenvalue diff", "delta2 rel. diff", "ms per product"):
+        assert expected in out.stdout

@@ -217,7 +217,8 @@ class ModelFunction:
         if self.hvp != "auto":
             raise RuntimeError(
                 "hvp='autograd': second derivatives of the loss are not available for this model "
-                f"({type(err).__name__}: {err}); use hvp='finite_difference' (or 'auto') for first-order finite-difference products."
+                f"({type(err).__name__}: {err}); use hvp='finite_difference' (or 'auto') for first-order "
+                "finite-difference products."
             ) from err
         self.fallback_reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
         _NO_DOUBLE_BACKWARD[self.model] = self.fallback_reason
