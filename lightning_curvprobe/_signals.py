@@ -26,7 +26,7 @@ from lightning_curvprobe._checks import _check_int, _check_positive_float
 TERM_KEYS = ("delta2_terms/a2", "delta2_terms/gradient", "delta2_terms/curvature")
 """Keys of the three Gaussian-moment terms in :func:`explain`'s result (log them under the callback's prefix)."""
 
-SIGNAL_KEYS = (*TERM_KEYS, "curvature_share", "discrepancy")
+SIGNAL_KEYS = (*TERM_KEYS, "curvature_share", "discrepancy", "delta2_rel_peak")
 """Every key :func:`explain` returns, in a fixed order."""
 
 
@@ -73,7 +73,9 @@ def gaussian_moment_terms(a: Tensor, c: Tensor, B: Tensor, sigma: float) -> tupl
     return a2, gradient, curvature
 
 
-def explain(details: Mapping[str, Tensor], sigma: float, num_probe_samples: int) -> dict[str, float]:
+def explain(
+    details: Mapping[str, Tensor], sigma: float, num_probe_samples: int, peak_delta2: float | None = None
+) -> dict[str, float]:
     r"""The values that say what a probe's :math:`\Delta_2^{(D)}` is made of, ready to log.
 
     From the metric's ``details`` (``a`` ``(m,)``, ``c`` ``(m, D)``, ``B`` ``(m, D, D)`` and ``delta2``; see
@@ -92,18 +94,26 @@ def explain(details: Mapping[str, Tensor], sigma: float, num_probe_samples: int)
     - ``discrepancy`` :math:`= (k+1)^2\,\Delta_2^{(D)}`: the criterion per added sample, free of the base-set size (the
       theory's :math:`(k+1)^{-2}` decay is divided out), so that runs with different ``num_probe_samples`` compare;
       :math:`\sqrt{\cdot}` is about the RMS gap :math:`\ell_j - L_k` in loss units.
+    - ``delta2_rel_peak`` :math:`= \Delta_2^{(D)} / \max(\text{peak}, \Delta_2^{(D)})`: the criterion as a fraction of
+      the largest value it has reached in this run (1 at a new peak), free of ``k`` and of the loss's units. This is
+      the gating signal the stopping study (``examples/stopping_study/report.md``) recommends over ``delta2`` itself:
+      :math:`\Delta_2^{(D)}` usually *rises* over the first epochs (the per-sample losses spread out) before it falls,
+      so a rule that waits for a plateau of ``delta2`` from epoch 0 stops in that hump; a threshold on the fraction of
+      the peak does not. It says that the per-sample training losses have converged, not that the model has started
+      to overfit.
 
     With ``estimator="gaussian_moment"`` the three terms sum to ``delta2``. With ``"quadratic_mc"`` and
     ``"direct_mc"`` they are still the Gaussian-moment decomposition of the quadratic surrogate (its exact
     expectation, which quadratic Monte Carlo estimates with sampling noise, and direct Monte Carlo approximates only
     inside the quadratic regime), while ``curvature_share`` and ``discrepancy`` use the estimator's own ``delta2``.
     Missing coefficients (a probe that logged NaN) or a non-finite ``delta2`` give NaN for every key;
-    ``curvature_share`` is NaN when ``delta2`` is 0.
+    ``curvature_share`` and ``delta2_rel_peak`` are NaN when ``delta2`` (and the peak) is 0.
 
     Args:
         details: the metric's ``details`` after ``compute()``, holding at least ``a``, ``c``, ``B`` and ``delta2``.
         sigma: the probe scale the metric used.
         num_probe_samples: ``k``, the number of base samples.
+        peak_delta2: the largest finite ``delta2`` of the earlier probes of this run (``None`` at the first probe).
 
     Returns:
         A dict of Python floats with the keys :data:`SIGNAL_KEYS`.
@@ -122,6 +132,8 @@ def explain(details: Mapping[str, Tensor], sigma: float, num_probe_samples: int)
         True
         >>> round(out["curvature_share"], 4), round(out["discrepancy"], 6)
         (0.096, 1.132739)
+        >>> round(explain({"a": a, "c": c, "B": B, "delta2": delta2}, 0.01, 63, peak_delta2=0.01)["delta2_rel_peak"], 6)
+        0.027655
     """
     sigma = _check_positive_float("sigma", sigma)
     k = _check_int("num_probe_samples", num_probe_samples, minimum=1)
@@ -133,10 +145,12 @@ def explain(details: Mapping[str, Tensor], sigma: float, num_probe_samples: int)
         return nan
     a2, gradient, curvature = gaussian_moment_terms(details["a"], details["c"], details["B"], sigma)
     mean_a2 = float(a2.mean())
+    peak = delta2 if peak_delta2 is None or not math.isfinite(peak_delta2) else max(float(peak_delta2), delta2)
     return {
         "delta2_terms/a2": mean_a2,
         "delta2_terms/gradient": float(gradient.mean()),
         "delta2_terms/curvature": float(curvature.mean()),
         "curvature_share": (delta2 - mean_a2) / delta2 if delta2 != 0 else math.nan,
         "discrepancy": (k + 1) ** 2 * delta2,
+        "delta2_rel_peak": delta2 / peak if peak > 0 else math.nan,
     }

@@ -278,3 +278,43 @@ def test_module_does_not_import_lightning():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ delta2_rel_peak
+
+
+def _pure_a(gaps: list[float], k: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    a = scale * torch.tensor(gaps, dtype=DT) / (k + 1)
+    return {
+        "a": a,
+        "c": torch.zeros(len(gaps), 2, dtype=DT),
+        "B": torch.zeros(len(gaps), 2, 2, dtype=DT),
+        "delta2": (a * a).mean(),
+    }
+
+
+def test_rel_peak_is_one_at_the_first_probe_and_at_a_new_peak():
+    d = _pure_a([1.0, -2.0], k=9)
+    delta2 = float(d["delta2"])
+    assert explain(d, 0.01, 9)["delta2_rel_peak"] == 1.0
+    assert explain(d, 0.01, 9, peak_delta2=0.5 * delta2)["delta2_rel_peak"] == 1.0
+    assert explain(d, 0.01, 9, peak_delta2=float("nan"))["delta2_rel_peak"] == 1.0
+    assert explain(d, 0.01, 9, peak_delta2=4 * delta2)["delta2_rel_peak"] == pytest.approx(0.25, rel=1e-15)
+
+
+def test_rel_peak_is_free_of_the_loss_units_and_of_k():
+    """The same run seen with the loss multiplied by 10 or with another base-set size: the same fraction of the peak,
+    while delta2 itself changes by 100 and by the (k+1)² ratio."""
+    gaps_peak, gaps_now = [3.0, -1.0], [0.3, 0.2]
+    values = []
+    for scale, k in ((1.0, 15), (10.0, 15), (1.0, 63)):
+        peak = float(_pure_a(gaps_peak, k, scale)["delta2"])
+        values.append(explain(_pure_a(gaps_now, k, scale), 0.01, k, peak_delta2=peak)["delta2_rel_peak"])
+    assert values[0] == pytest.approx(values[1], rel=1e-13) and values[0] == pytest.approx(values[2], rel=1e-13)
+    assert values[0] == pytest.approx((0.09 + 0.04) / (9.0 + 1.0), rel=1e-13)
+
+
+def test_rel_peak_of_a_zero_criterion_without_peak_is_nan():
+    out = explain(_pure_a([0.0, 0.0], k=4), 0.01, 4)
+    assert math.isnan(out["delta2_rel_peak"])
+    assert explain(_pure_a([0.0, 0.0], k=4), 0.01, 4, peak_delta2=1e-3)["delta2_rel_peak"] == 0.0
