@@ -410,7 +410,7 @@ def encoder_case() -> Case:
 
 
 def cnn_case() -> Case:
-    return _tensor_case("resnet_cnn", ResNetCNN, (3, 8, 8), sigma=0.05)
+    return _tensor_case("resnet_cnn", ResNetCNN, (3, 8, 8), sigma=0.1)
 
 
 def compiled_case() -> Case:

@@ -518,6 +518,19 @@ def test_backbone_finetuning_with_an_aliased_backbone():
     )
 
 
+@pytest.mark.parametrize("make_case", [tied_case, backbone_case], ids=["tied_parametrized", "aliased_backbone"])
+def test_forced_finite_differences_with_shared_parameters(make_case):
+    """hvp="finite_difference" on models where one Parameter is reachable by several paths (tied embedding/head,
+    parametrization originals, an aliased backbone that BackboneFinetuning unfreezes): each shared Parameter is
+    perturbed once per product and restored exactly (bit-identical training); values within the finite-difference
+    tolerance of float64 autograd."""
+    case = make_case()
+    with_cb, _ = fit_twice_and_compare(case, lambda: make_probe(case, tol=TOL_FD, hvp="finite_difference"))
+    assert_finite_history(with_cb)
+    assert with_cb.callback.hvp_in_use == "finite_difference"
+    check_against_reference(case, with_cb, eta=ETA_FD, tol=TOL_FD)
+
+
 def test_weight_tying_and_parametrizations():
     case = tied_case()
     with_cb, _ = run_model_case(case)
@@ -545,8 +558,11 @@ def test_activation_checkpointing(use_reentrant):
     with_cb, _ = fit_twice_and_compare(case, make)
     assert_finite_history(with_cb)
     cb = with_cb.callback
-    # non-reentrant: autograd works, so its tolerance applies (hvp_in_use itself: the trainer.validate test below)
-    eta = ETA_FD if use_reentrant and cb.hvp_in_use == "finite_difference" else ETA_AUTOGRAD
+    # non-reentrant: autograd works, so its tolerance applies (hvp_in_use itself: the trainer.validate test below);
+    # reentrant: whichever the pre-flight chose, announced by one message iff it is finite differences
+    fd = use_reentrant and cb.hvp_in_use == "finite_difference"
+    assert len(fallback_messages(with_cb)) == int(fd), fallback_messages(with_cb)
+    eta = ETA_FD if fd else ETA_AUTOGRAD
     check_against_reference(case, with_cb, eta=eta, tol=TOL_FD if use_reentrant else TOL)
 
 
