@@ -19,6 +19,7 @@ from lightning_curvprobe.functional._batch import _batch_size, _slice_batch
 from lightning_curvprobe.functional.hvp import (
     HessianOperator,
     ModelFunction,
+    NonFiniteProbeError,
     _check_loss,
     _probe_mode,
     per_sample_statistics,
@@ -102,8 +103,11 @@ def _check_double_backward(op: HessianOperator, v: Tensor, hv: Tensor) -> None:
     and autograd's product differs from them by more than :data:`AUTOGRAD_DISAGREEMENT`, autograd is wrong. Where the
     finite differences are themselves unreliable (piecewise-linear activations, rounding) nothing is decided.
     """
-    d1 = op._difference_product(v)
-    d2 = op._difference_product(v, step_factor=0.5)
+    try:
+        d1 = op._difference_product(v)
+        d2 = op._difference_product(v, step_factor=0.5)
+    except NonFiniteProbeError:  # the loss is not finite a step away: nothing can be judged
+        return
     scale = max(float(d2.norm()), torch.finfo(d2.dtype).tiny)
     consistency = float((d1 - d2).norm()) / scale
     disagreement = float((hv - d2).norm()) / scale
