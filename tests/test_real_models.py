@@ -51,6 +51,7 @@ from _real_models import (
     tied_case,
 )
 from lightning.pytorch.loggers import CSVLogger
+from torch.nn.utils import parametrize
 
 from lightning_curvprobe import CurvatureStabilityCallback
 from lightning_curvprobe.functional import probe_stability
@@ -62,7 +63,8 @@ STEPS_PER_EPOCH = N_TRAIN // BATCH
 TOL = 1e-4  # eigensolver tolerance where the products are autograd's (float32 reaches it: see `converged` checks)
 TOL_FD = 1e-3  # where they may be finite differences (their float32 error is ~1e-4..1e-3 of |Hv|)
 ETA_AUTOGRAD = 1e-4  # relative error of a float32 double-backward product (~sqrt(n)·eps32 ≈ 1e-6..1e-5, x10 margin)
-ETA_FD = 5e-3  # relative error of a float32 central-difference product (~1e-4..1e-3, x5 margin)
+ETA_FD = 5e-3  # relative error of a float32 central-difference product (~1e-4..1e-3 expected; measured up to
+# 4e-3 of |λ₁| on the tied/parametrized model, whence x5 over 1e-3 rather than more)
 ETA_GRAD = 1e-4  # relative error of a float32 gradient
 
 pytestmark = pytest.mark.filterwarnings(
@@ -71,7 +73,21 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*The number of training batches.*",
     "ignore:.*litlogger.*",
     "ignore:.*number of trainable parameters changed.*",  # BackboneFinetuning unfreezes: a cold refresh, by design
+    # sigma is chosen so that the c and B terms carry a real share of delta2 (the comparisons then check the
+    # subspace part); at some models' weights that is beyond the quadratic model's validity, which the package
+    # rightly warns about: the tests compare the Gaussian moment of the quadratic model itself, valid or not
+    "ignore:.*exceeds max_quadratic_error.*",
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """These models are tiny: a second intra-op thread buys nothing, and on a busy 2-core machine OpenMP's barriers
+    made the file ~15x slower (320 s instead of ~20 s). Both runs of every comparison use the same setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -118,6 +134,8 @@ class Run:
 def identity(module: torch.nn.Module) -> dict[str, Any]:
     """Which objects the module holds, by every path (aliases and ties included)."""
     return {
+        # the objects themselves (kept alive here, so that an id cannot be reused by a replacement)
+        "params": list(module.named_parameters(remove_duplicate=False)),
         "param_ids": [(n, id(p)) for n, p in module.named_parameters(remove_duplicate=False)],
         "requires_grad": [(n, p.requires_grad) for n, p in module.named_parameters(remove_duplicate=False)],
         "buffer_ids": [(n, id(b)) for n, b in module.named_buffers(remove_duplicate=False)],
@@ -266,7 +284,9 @@ def fit_twice_and_compare(
 
     for run in (with_cb, without):
         # the same Parameter, buffer and module objects by every path, before and after the fit
-        assert run.after["param_ids"] == run.before["param_ids"], "a Parameter object was replaced"
+        assert [n for n, _ in run.after["params"]] == [n for n, _ in run.before["params"]]
+        for (n, p), (_, q) in zip(run.after["params"], run.before["params"], strict=True):
+            assert p is q, f"the Parameter object at {n} was replaced"
         assert run.after["module_ids"] == run.before["module_ids"], "a submodule was replaced"
         # the optimizer holds the module's own Parameters
         held = {id(p) for opt in run.trainer.optimizers for g in opt.param_groups for p in g["params"]}
@@ -390,7 +410,6 @@ def run_model_case(case: Case, *, eta: float = ETA_AUTOGRAD, tol: float = TOL, *
 # ----------------------------------------------------------------------------------------------- models
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hugging_face_causal_lm_sdpa_dict_batches(arch):
     """Tiny GPT-2 (tied lm_head, dropout 0.1) and Llama from configs with random weights, dict batches, sdpa: the
@@ -417,7 +436,6 @@ def fallback_messages(run: Run) -> list[str]:
     return [m for m in run.logs + run.warnings if re.search(r"finite[ _-]?difference", m, re.I)]
 
 
-@pytest.mark.slow
 def test_compiled_submodule():
     """``torch.compile(..., backend="aot_eager")`` has no double backward. hvp="auto" either runs the compiled code
     eagerly inside the probe (autograd) or falls back to central differences once, with one info message; either
@@ -477,7 +495,6 @@ def test_custom_function_without_double_backward_falls_back_to_finite_difference
     check_against_reference(case, with_cb, eta=ETA_FD, tol=TOL_FD)
 
 
-@pytest.mark.slow
 def test_compiled_submodule_float64_finite_differences_match_autograd():
     """probe_stability in float64: central differences on the compiled module against double backward on its
     uncompiled twin. In float64 a central difference with step ε errs by O(ε²·‖∇³L‖ + eps64·‖g‖/ε) ≈ 1e-8 relative
@@ -535,8 +552,6 @@ def test_weight_tying_and_parametrizations():
     case = tied_case()
     with_cb, _ = run_model_case(case)
     module = with_cb.module
-    from torch.nn.utils import parametrize
-
     assert module.head.weight is module.emb.weight
     assert parametrize.is_parametrized(module.sym, "weight") and parametrize.is_parametrized(module.orth, "weight")
     assert torch.equal(module.sym.weight, module.sym.weight.T)
