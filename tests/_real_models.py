@@ -344,7 +344,8 @@ class MetricsClassifier(RealModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        self._snapshot("on_validation_epoch_end")
+        if not self.trainer.sanity_checking:
+            self._snapshot("on_validation_epoch_end")
 
     def on_train_epoch_end(self) -> None:
         self._snapshot("on_train_epoch_end")
