@@ -13,9 +13,10 @@ from lightning_curvprobe import functional
 
 if TYPE_CHECKING:
     from lightning_curvprobe.callback import CurvatureStabilityCallback
+    from lightning_curvprobe.early_stopping import StabilityEarlyStopping
     from lightning_curvprobe.metric import CurvatureStability
 
-__all__ = ["CurvatureStability", "CurvatureStabilityCallback", "functional"]
+__all__ = ["CurvatureStability", "CurvatureStabilityCallback", "StabilityEarlyStopping", "functional"]
 __version__ = "0.1.0"
 
 
@@ -28,4 +29,8 @@ def __getattr__(name: str) -> Any:
         from lightning_curvprobe.metric import CurvatureStability
 
         return CurvatureStability
+    if name == "StabilityEarlyStopping":
+        from lightning_curvprobe.early_stopping import StabilityEarlyStopping
+
+        return StabilityEarlyStopping
     raise AttributeError(f"module 'lightning_curvprobe' has no attribute {name!r}")

@@ -30,7 +30,17 @@ _MAX_DEPTH = 4
 
 
 def training_step_loss(pl_module: Any, batch: Any) -> Tensor:
-    """The loss returned by ``training_step(batch, 0)``, with the module's logging silenced."""
+    """The loss returned by ``training_step(batch, 0)``, with the module's logging silenced.
+
+    Every call restores the module's Python-side state (:func:`user_state_kept`) before it returns: a torchmetrics
+    update inside ``training_step`` called under ``vmap`` would otherwise keep a batched tensor in the metric's state,
+    which the next call could not use.
+    """
+    with user_state_kept(pl_module):
+        return _training_step_loss(pl_module, batch)
+
+
+def _training_step_loss(pl_module: Any, batch: Any) -> Tensor:
     module = pl_module
     had = {name: name in module.__dict__ for name in ("log", "log_dict")}
     module.__dict__["log"] = _noop

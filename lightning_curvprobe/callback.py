@@ -36,6 +36,7 @@ from lightning_curvprobe._probe_data import (
     untouched_rng,
     user_state_kept,
 )
+from lightning_curvprobe._schedule import ProbeSchedule
 from lightning_curvprobe._signals import SIGNAL_KEYS, explain
 from lightning_curvprobe.functional._batch import _batch_size, _cast_batch
 from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
@@ -77,6 +78,7 @@ class CurvatureStabilityCallback(Callback):
     - ``<prefix>/delta2_stderr``: standard error of ``delta2`` over added samples (only when ``num_added_samples > 1``).
     - ``<prefix>/sigma``: the probe scale in use (the selected one with ``sigma="auto"``).
     - ``<prefix>/probe_seconds``: the probe's wall time at this validation epoch.
+    - ``<prefix>/overhead``: the probe's cumulative time over the training time so far (also on skipped epochs).
     - ``<prefix>/delta2_terms/a2``, ``<prefix>/delta2_terms/gradient``, ``<prefix>/delta2_terms/curvature``: the
       Gaussian-moment decomposition of ``delta2`` (mean :math:`a^2`, :math:`\sigma^2\lVert c\rVert^2` and the terms in
       :math:`B`), ``<prefix>/curvature_share`` :math:`= (\Delta_2^{(D)} - \overline{a^2})/\Delta_2^{(D)}` and
@@ -146,6 +148,11 @@ class CurvatureStabilityCallback(Callback):
             differences once, with one info message, when the pre-flight finds no double backward). The kind in use
             is :attr:`hvp_in_use` after the pre-flight.
         on_error: ``"warn"`` (a probe that fails during training logs NaN and warns once) or ``"raise"``.
+        max_overhead: a budget for the probe's cumulative time as a fraction of training time (e.g. ``0.05``), or
+            None (probe every validation epoch). Within the budget, each validation epoch refreshes, reuses the kept
+            subspace, or skips the probe (see :mod:`lightning_curvprobe._schedule`); the first probe always runs. A
+            skipped epoch logs no probe value, so ``trainer.callback_metrics`` keeps the last one: gate early
+            stopping with :class:`StabilityEarlyStopping`, which counts only the epochs that measured.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -179,6 +186,7 @@ class CurvatureStabilityCallback(Callback):
         full_space_samples: int = 0,
         hvp: Literal["auto", "autograd", "finite_difference"] = "auto",
         on_error: Literal["warn", "raise"] = "warn",
+        max_overhead: float | None = None,
     ) -> None:
         super().__init__()
         self.num_eigenvectors = _check_int("num_eigenvectors", num_eigenvectors, minimum=1)
@@ -239,6 +247,7 @@ class CurvatureStabilityCallback(Callback):
         self.full_space_samples = _check_int("full_space_samples", full_space_samples, minimum=0)
         self.hvp = _check_choice("hvp", hvp, HVP_KINDS)
         self.on_error = _check_choice("on_error", on_error, ("warn", "raise"))
+        self.max_overhead = None if max_overhead is None else _check_positive_float("max_overhead", max_overhead)
         self._sigma_value = 1e-3 if self.sigma == "auto" else float(self.sigma)
         self._logger = ProbeLogger(log_prefix)
         self._warned: set[str] = set()
@@ -253,7 +262,10 @@ class CurvatureStabilityCallback(Callback):
         self._probe_indices: list[int] | None = None
         self._base: Any = None
         self._added: Any = None
-        self._num_probes = 0
+        self._schedule = ProbeSchedule(self.refresh_every_n_epochs, self.max_overhead)
+        self._solver_seconds = 0.0
+        #: the last epoch at which the probe measured (None before the first); skipped epochs leave it unchanged
+        self.measured_epoch: int | None = None
         self._num_refreshes = 0
         self._metric: CurvatureStability | None = None
         self.last_result: EigenResult | None = None
@@ -329,6 +341,7 @@ class CurvatureStabilityCallback(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._probes_this_fit = 0
+        self._schedule.start()
         reason = _no_validation_reason(trainer, pl_module)
         if reason is not None:
             rank_zero_warn(f"CurvatureStabilityCallback: {reason}, so no probe will run in this fit.")
@@ -358,18 +371,27 @@ class CurvatureStabilityCallback(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        action = self._schedule.decide(has_subspace=self._basis is not None)
+        if trainer.world_size > 1:  # the ranks' clocks differ: rank 0 decides for all
+            action = trainer.strategy.broadcast(action)
+        if action == "skip":
+            self._schedule.record("skip", seconds=0.0)
+            self._logger.log(trainer, pl_module, {"overhead": self._schedule.overhead()}, None, None)
+            return
         start = time.perf_counter()
+        self._solver_seconds = 0.0
         unrestored: list[str] = []
         try:
             with untouched_rng(pl_module.device), user_state_kept(pl_module) as unrestored:
                 if self._base is None:
                     self._prepare_probe_data(trainer, pl_module)
-                values = self._probe(trainer, pl_module)
+                values = self._probe(trainer, pl_module, refresh=action == "refresh")
         except Exception as err:  # noqa: BLE001 - the run goes on unless on_error="raise"
             if self.on_error == "raise":
                 raise
             values = self._failed(trainer, err)
         self._probes_this_fit += 1
+        self.measured_epoch = trainer.current_epoch
         if unrestored:
             self._warn_once(
                 "state",
@@ -377,8 +399,36 @@ class CurvatureStabilityCallback(Callback):
                 f"have been copied beforehand (more than {CLONE_ELEMENTS} elements); pass a `loss_fn` without side "
                 "effects.",
             )
-        values["probe_seconds"] = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self._schedule.record(
+            action,
+            seconds=seconds,
+            solver_seconds=self._solver_seconds,
+            products=int(values.get("hvps", 0)),
+            dimension=self.num_eigenvectors,
+        )
+        values["probe_seconds"] = seconds
+        values["overhead"] = self._schedule.overhead()
         self.history.append({"epoch": float(trainer.current_epoch), **values})
+        self._report(trainer, values)
+        self._logger.log(trainer, pl_module, values, self._eigenvalues, self.last_curve)
+
+    def _report(self, trainer: Trainer, values: dict[str, float]) -> None:
+        """One info line on the first probe's cost; one warning for a quadratic error above the threshold."""
+        if self._probes_this_fit == 1 and trainer.state.fn == "fit" and trainer.global_step > 0:
+            steps = trainer.global_step
+            step_seconds = self._schedule.train_seconds() / steps
+            in_steps = values["probe_seconds"] / step_seconds if step_seconds > 0 else float("nan")
+            if self.max_overhead is None:
+                hint = "set max_overhead (e.g. 0.05) to bound it"
+            else:
+                hint = f"max_overhead={self.max_overhead:g} bounds it"
+            rank_zero_info(
+                f"CurvatureStabilityCallback: the first probe took {values['probe_seconds']:.3g} s, about "
+                f"{in_steps:.3g} training steps; at this validation interval ({steps} steps) a probe at every "
+                f"validation epoch adds about {in_steps / steps:.0%} to training time; {hint} "
+                f"({self.log_prefix}/overhead logs the cumulative ratio)."
+            )
         qe = values.get("quadratic_error", float("nan"))
         if qe > self.max_quadratic_error:
             self._warn_once(
@@ -387,7 +437,6 @@ class CurvatureStabilityCallback(Callback):
                 f"{self._sigma_value:g} leaves the local regime where the quadratic model (and delta2) is meaningful; "
                 "use sigma='auto' or a smaller sigma.",
             )
-        self._logger.log(trainer, pl_module, values, self._eigenvalues, self.last_curve)
 
     def _failed(self, trainer: Trainer, err: Exception) -> dict[str, float]:
         """NaN values for a probe that failed, with one warning naming the cause."""
@@ -411,10 +460,8 @@ class CurvatureStabilityCallback(Callback):
             self._warned.add(key)
             rank_zero_warn(f"CurvatureStabilityCallback: {message}")
 
-    def _probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def _probe(self, trainer: Trainer, pl_module: LightningModule, refresh: bool) -> dict[str, float]:
         """Refresh (or reuse) the subspace, then measure the criterion in it; raises on failure."""
-        refresh = self._basis is None or self._num_probes % self.refresh_every_n_epochs == 0
-        self._num_probes += 1
         fn = self._function(pl_module)
         world = trainer.world_size
         reduce_fn = _all_reduce_sum if world > 1 and torch.distributed.is_initialized() else None
@@ -480,6 +527,7 @@ class CurvatureStabilityCallback(Callback):
             warm = prev.to(device=fn.device, dtype=fn.dtype)
         else:  # stays where it is kept: the solver moves it one column at a time
             warm = prev.to(dtype=fn.dtype)
+        start = time.perf_counter()
         eig = self._call_user(
             lambda: _eigensolve(
                 op,
@@ -492,6 +540,7 @@ class CurvatureStabilityCallback(Callback):
             ),
             "the base samples (eigensolver)",
         )
+        self._solver_seconds = time.perf_counter() - start
         self.last_result = eig
         if not eig.converged:
             rank_zero_warn(
@@ -612,8 +661,9 @@ class CurvatureStabilityCallback(Callback):
         except NonFiniteProbeError:
             raise
         except Exception as err:  # noqa: BLE001 - re-raised with context, same type where possible
+            probe = self._schedule.num_probes + 1
             message = (
-                f"CurvatureStabilityCallback: evaluating the loss on {where} failed (probe {self._num_probes}, "
+                f"CurvatureStabilityCallback: evaluating the loss on {where} failed (probe {probe}, "
                 f"{self.num_probe_samples} base samples, {self.num_added_samples} added samples): "
                 f"{type(err).__name__}: {err}"
             )
@@ -662,6 +712,8 @@ class CurvatureStabilityCallback(Callback):
                 f"({report.fallback_reason}); Hessian-vector products are taken by finite differences of gradients "
                 "(hvp='finite_difference', two gradient evaluations per product)."
             )
+        if report.autograd_warning is not None:
+            self._warn_once("autograd", f"{report.autograd_warning}; pass hvp='auto' or 'finite_difference'.")
         if not report.is_mean:
             self._warn_once(
                 "mean",
@@ -681,7 +733,8 @@ class CurvatureStabilityCallback(Callback):
             "probe_indices": self._probe_indices,
             "generator_state": self._generator.get_state(),
             "metric_generator_state": self._metric.generator.get_state() if self._metric is not None else None,
-            "num_probes": self._num_probes,
+            "num_probes": self._schedule.num_probes,
+            "schedule": self._schedule.state_dict(),
             "sigma_value": self._sigma_value,
             "num_refreshes": self._num_refreshes,
             "history": [dict(h) for h in self.history],
@@ -706,7 +759,7 @@ class CurvatureStabilityCallback(Callback):
             self._generator.set_state(state_dict["generator_state"])
         if state_dict.get("metric_generator_state") is not None and self._metric is not None:
             self._metric.generator.set_state(state_dict["metric_generator_state"])
-        self._num_probes = int(state_dict.get("num_probes", 0))
+        self._schedule.load_state_dict(state_dict.get("schedule", {"num_probes": state_dict.get("num_probes", 0)}))
         if self.sigma == "auto":
             self._sigma_value = float(state_dict.get("sigma_value", self._sigma_value))
         self._num_refreshes = int(state_dict.get("num_refreshes", 0))

@@ -41,6 +41,7 @@ KEYS = (
     "quadratic_error",
     "sigma",
     "probe_seconds",
+    "overhead",
     *SIGNAL_KEYS,
 )
 PREFIXED = {f"curvprobe/{k}" for k in KEYS}

@@ -42,11 +42,14 @@ class PreflightReport:
         fallback_reason: why ``hvp="auto"`` fell back to finite differences (None otherwise).
         mean_ratio: ``L(base) / ((k_1 L(half_1) + k_2 L(half_2)) / k)``: 1 for a per-sample mean loss, about 2 for a
             sum, other values for a token-weighted mean over padded sequences (NaN with fewer than 2 base samples).
+        autograd_warning: under ``hvp="autograd"``, why the double backward looks incomplete (None if it does not);
+            ``"auto"`` falls back to finite differences instead.
     """
 
     hvp_kind: str
     fallback_reason: str | None
     mean_ratio: float
+    autograd_warning: str | None = None
 
     @property
     def is_mean(self) -> bool:
@@ -78,8 +81,12 @@ def preflight(fn: ModelFunction, base_batch: Any, added_batch: Any, *, seed: int
         v = torch.randn(fn.num_params, generator=torch.Generator().manual_seed(seed), dtype=fn.dtype)
         v = (v / v.norm()).to(fn.device)
         hv = op.matvec(v)
-        if fn.hvp == "auto" and fn.hvp_kind == "autograd":
-            _check_double_backward(op, v, hv)
+        warning = (
+            _check_double_backward(op, v, hv) if fn.hvp_kind == "autograd" and fn.hvp != "finite_difference" else None
+        )
+        if warning is not None and fn.hvp == "auto":
+            fn.fall_back(RuntimeError(warning))
+            warning = None
         if _batch_size(added_batch) > 0 and fn.hvp_kind == "autograd":
             per_sample_statistics(fn, _slice_batch(added_batch, 0, 1), v.to(fn.device)[:, None] / v.norm())
         ratio = float("nan")
@@ -91,11 +98,13 @@ def preflight(fn: ModelFunction, base_batch: Any, added_batch: Any, *, seed: int
                 losses = [_check_loss(fn.loss(w0, fn.prepare(p)), "half of the base samples") for p in parts]
                 mean = (half * float(losses[0]) + (k - half) * float(losses[1])) / k
                 ratio = float(op.loss) / mean if mean != 0 else float("nan")
-    return PreflightReport(hvp_kind=fn.hvp_kind, fallback_reason=fn.fallback_reason, mean_ratio=ratio)
+    return PreflightReport(
+        hvp_kind=fn.hvp_kind, fallback_reason=fn.fallback_reason, mean_ratio=ratio, autograd_warning=warning
+    )
 
 
-def _check_double_backward(op: HessianOperator, v: Tensor, hv: Tensor) -> None:
-    """Fall back to finite differences when autograd's product is clearly not the Hessian's.
+def _check_double_backward(op: HessianOperator, v: Tensor, hv: Tensor) -> str | None:
+    """Why autograd's product is clearly not the Hessian's, or None.
 
     A double backward can be silently incomplete: a ``once_differentiable`` autograd Function in the middle of a
     model contributes nothing to it, with no error. Two finite-difference products (steps ε and ε/2, four gradient
@@ -107,15 +116,14 @@ def _check_double_backward(op: HessianOperator, v: Tensor, hv: Tensor) -> None:
         d1 = op._difference_product(v)
         d2 = op._difference_product(v, step_factor=0.5)
     except NonFiniteProbeError:  # the loss is not finite a step away: nothing can be judged
-        return
+        return None
     scale = max(float(d2.norm()), torch.finfo(d2.dtype).tiny)
     consistency = float((d1 - d2).norm()) / scale
     disagreement = float((hv - d2).norm()) / scale
     if consistency < FD_CONSISTENCY and disagreement > AUTOGRAD_DISAGREEMENT:
-        op.fn.fall_back(
-            RuntimeError(
-                f"autograd's Hessian-vector product differs from finite differences by {disagreement:.2g} (relative), "
-                f"while two finite-difference steps agree to {consistency:.2g}: the model's double backward is "
-                "incomplete (e.g. a once_differentiable autograd Function)"
-            )
+        return (
+            f"autograd's Hessian-vector product differs from finite differences by {disagreement:.2g} (relative), "
+            f"while two finite-difference steps agree to {consistency:.2g}: the model's double backward is "
+            "incomplete (e.g. a once_differentiable autograd Function)"
         )
+    return None
