@@ -181,7 +181,7 @@ def test_delta2_and_eigenvalue_histogram_appear_live_in_tensorboard(tmp_path):
         seen_hist: dict[int, list] = {}
         live_steps: set[int] = set()  # steps seen in both series while the fit was still running
         polls = 0
-        deadline = start + 60
+        deadline = start + 120
         while time.monotonic() < deadline and polls < 600:
             polls += 1
             running = fit.poll() is None
@@ -218,7 +218,7 @@ def test_delta2_and_eigenvalue_histogram_appear_live_in_tensorboard(tmp_path):
         assert {"delta2_stderr", "lambda_max", "subspace_overlap", "hvps"} <= set(series)
         if importlib.util.find_spec("matplotlib") is not None:
             assert script.plot(series, tmp_path / "curves.png").stat().st_size > 10_000
-        assert time.monotonic() - start < 60
+        assert time.monotonic() - start < 120
     finally:
         _stop(fit)
         _stop(server)
