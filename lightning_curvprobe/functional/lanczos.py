@@ -378,239 +378,365 @@ def top_eigenpairs(
             warm_start = warm_start[:, None]
         if warm_start.dim() != 2 or warm_start.shape[0] != n:
             raise ValueError(f"`warm_start` must have shape ({n}, w), got {tuple(warm_start.shape)}.")
-    width = warm_start.shape[1] if warm_start is not None else block_size
-    width = min(width, n)
-    min_cap = min(n, kt + width + 1)
+    width = min(warm_start.shape[1] if warm_start is not None else block_size, n)
+    cap = _basis_capacity(n, kt, width, block_size, max_basis)
+    solver = _Lanczos(
+        matvec,
+        n,
+        k,
+        kt,
+        tol=tol,
+        cap=cap,
+        block_size=block_size,
+        max_hvps=max(500, 60 * kt) if max_hvps is None else max_hvps,
+        generator=torch.Generator().manual_seed(0) if generator is None else generator,
+        dtype=dtype,
+        op_device=op_device,
+        device=device,
+    )
+    solver.start(warm_start, width)
+    return solver.run()
+
+
+def _basis_capacity(n: int, kt: int, width: int, block_size: int, max_basis: int | None) -> int:
+    """The basis' capacity: ``max_basis`` (checked against the least the solver needs) or the default."""
     if max_basis is None:
-        cap = min(n, max(2 * kt, kt + width) + 10 * block_size)
-    else:
-        cap = _check_int("max_basis", max_basis, minimum=1)
-        if cap < min_cap:
-            raise ValueError(
-                f"`max_basis` must be at least k + num_extra + (start block width) + 1 = {min_cap}, got {max_basis}."
-            )
-        cap = min(cap, n)
-    if max_hvps is None:
-        max_hvps = max(500, 60 * kt)
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
+        return min(n, max(2 * kt, kt + width) + 10 * block_size)
+    cap = _check_int("max_basis", max_basis, minimum=1)
+    min_cap = min(n, kt + width + 1)
+    if cap < min_cap:
+        raise ValueError(
+            f"`max_basis` must be at least k + num_extra + (start block width) + 1 = {min_cap}, got {max_basis}."
+        )
+    return min(cap, n)
 
-    small = torch.float64  # projected matrices are tiny: keep them in float64
-    basis = _Basis(n, cap, dtype, device)
-    eps = torch.finfo(dtype).eps
-    hvps = 0
-    restarts = 0
-    nd = 0  # done vectors: basis columns :nd
-    T = torch.zeros(0, 0, dtype=small, device=device)
-    C = torch.zeros(0, 0, dtype=small, device=device)  # pending x done
 
-    def apply(x: Tensor, owned: bool = False) -> Tensor:
+class _Lanczos:
+    """One solve of :func:`top_eigenpairs`, with one method per step.
+
+    It holds the basis, the projected matrices ``T`` and ``C``, the Ritz pairs and the counters; the steps are the
+    start block, the Krylov extension, the reorthogonalisation, Rayleigh-Ritz, the convergence check and the restart.
+
+    Basis columns ``:nd`` are done (multiplied: ``H V_d = V_d T + V_p C``), columns ``nd:nd + npend`` pending.
+    """
+
+    def __init__(
+        self,
+        matvec: MatVec,
+        n: int,
+        k: int,
+        kt: int,
+        *,
+        tol: float,
+        cap: int,
+        block_size: int,
+        max_hvps: int,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+        op_device: torch.device,
+        device: torch.device,
+    ) -> None:
+        self.matvec, self.n, self.k, self.kt, self.tol = matvec, n, k, kt, tol
+        self.cap, self.block_size, self.max_hvps, self.generator = cap, block_size, max_hvps, generator
+        self.dtype, self.op_device, self.device = dtype, op_device, device
+        self.small = torch.float64  # projected matrices are tiny: keep them in float64
+        self.eps = torch.finfo(dtype).eps
+        self.basis = _Basis(n, cap, dtype, device)
+        self.hvps = self.restarts = self.nd = self.npend = 0
+        self.T = self._zeros(0, 0)
+        self.C = self._zeros(0, 0)  # pending x done
+        self.cached: tuple[Tensor, Tensor] | None = None  # a product already paid for: (vector, H vector)
+        # the k returned pairs meet tol; the p guard pairs only _GUARD_FACTOR * tol (they exist to reveal a missed
+        # member of a cluster, which a looser residual still does: a Ritz value is within its residual of an eigenvalue)
+        self.pair_tol = torch.ones(kt, dtype=self.small, device=device)
+        self.pair_tol[k:] = _GUARD_FACTOR
+        self.theta = self._zeros(0)
+        self.S = self._zeros(0, 0)
+        self.res = self._zeros(0)
+        self.scale = 1.0
+        self.converged = False
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(*shape, dtype=self.small, device=self.device)
+
+    # ------------------------------------------------------------------------------------------------ products
+
+    def _apply(self, x: Tensor, owned: bool = False) -> Tensor:
         """``matvec`` of a block of vectors, the product on the basis' device.
 
         The block reaches ``matvec`` as a tensor of its own (copied unless ``owned``), so the product may be worked on
         in place.
         """
-        x = x.to(device=op_device, copy=not owned)
-        return matvec(x).reshape(n, x.shape[1]).to(device=device, dtype=dtype)
+        x = x.to(device=self.op_device, copy=not owned)
+        return self.matvec(x).reshape(self.n, x.shape[1]).to(device=self.device, dtype=self.dtype)
 
-    def random_block(b: int) -> Tensor:
-        x = torch.randn(n, b, generator=generator, dtype=torch.float64, device=generator.device)
-        return x.to(device=device, dtype=dtype)
+    def _random_block(self, b: int) -> Tensor:
+        g = self.generator
+        x = torch.randn(self.n, b, generator=g, dtype=torch.float64, device=g.device)
+        return x.to(device=self.device, dtype=self.dtype)
 
-    def admit(column: Callable[[int], Tensor], count: int) -> int:
+    def _admit(self, column: Callable[[int], Tensor], count: int) -> int:
         """Orthonormalise ``count`` columns against the basis and append them as pending; returns how many were kept.
 
         ``column(i)`` gives the i-th as a new ``(n, 1)`` tensor on the basis' device; it may read basis column ``i``
         (the warm start, already in the basis), which is never overwritten before it is read (``size <= i``).
         """
-        added = 0
+        basis, added = self.basis, 0
         for i in range(count):
             x = column(i)
             norms = x.norm(dim=0)
             basis.project_out_(x, basis.size, norms)
             norm0 = float(norms[0])
             norm = float(x.norm())
-            if norm0 == 0 or norm <= 1e3 * eps * norm0 or basis.size >= cap:
+            if norm0 == 0 or norm <= 1e3 * self.eps * norm0 or basis.size >= self.cap:
                 continue
             basis.set_column(basis.size, x / norm)
             basis.size += 1
             added += 1
         return added
 
-    def append_pending(block: Tensor) -> int:
-        return admit(lambda i: block[:, i : i + 1].to(device=device, dtype=dtype, copy=True), block.shape[1])
+    def _append_pending(self, block: Tensor) -> int:
+        dev, dt = self.device, self.dtype
+        return self._admit(lambda i: block[:, i : i + 1].to(device=dev, dtype=dt, copy=True), block.shape[1])
 
-    cached: tuple[Tensor, Tensor] | None = None  # a product already paid for: (vector, H vector)
-    start: Tensor | None = None
-    npend = 0
-    if warm_start is None:
-        start = random_block(width)
-    else:
-        # One product decides how to use the warm start. v0 = sum of the orthonormalised previous vectors; if
-        # H v0 still lies in their span (rho <= factor * tol), the subspace barely moved: put the whole block in the
-        # basis (Rayleigh-Ritz, then Krylov vectors as the residuals demand). Otherwise run Lanczos from v0, whose
-        # first product is this one: a moved subspace then costs about what a cold solve does, never a block more.
-        # The previous vectors are copied into the basis and orthonormalised there (no copy of them besides the
-        # basis; from another device, e.g. CPU memory, they move one row block at a time).
-        if warm_start.shape[1] > cap:  # only when w > n (then cap = n): its span has at most n dimensions
-            warm_start = _orthonormal_columns(warm_start, dtype)
+    # ------------------------------------------------------------------------------------------------ start block
+
+    def start(self, warm_start: Tensor | None, width: int) -> None:
+        """The first pending vectors: ``width`` random ones (cold), or from the warm start (:meth:`_warm_block`)."""
+        start = self._random_block(width) if warm_start is None else self._warm_block(warm_start)
+        if start is not None:
+            self.npend = self._append_pending(start)
+            del start
+        if self.npend == 0:  # degenerate warm start: fall back to a random vector
+            self.npend = self._append_pending(self._random_block(1))
+        self.C = self._zeros(self.npend, 0)
+
+    def _warm_block(self, warm_start: Tensor) -> Tensor | None:
+        """One product decides how to use the warm start; returns the start block (None: the old vectors are pending).
+
+        v0 = sum of the orthonormalised previous vectors; if H v0 still lies in their span (rho <= factor * tol), the
+        subspace barely moved: put the whole block in the basis (Rayleigh-Ritz, then Krylov vectors as the residuals
+        demand). Otherwise run Lanczos from v0, whose first product is this one: a moved subspace then costs about
+        what a cold solve does, never a block more. The previous vectors are copied into the basis and orthonormalised
+        there (no copy of them besides the basis; from another device, e.g. CPU memory, they move one row block at a
+        time).
+        """
+        basis = self.basis
+        if warm_start.shape[1] > self.cap:  # only when w > n (then cap = n): its span has at most n dimensions
+            warm_start = _orthonormal_columns(warm_start, self.dtype)
         w = warm_start.shape[1]
         for (r0, r1), V in zip(basis.bounds, basis.blocks, strict=True):
             V[:, :w] = warm_start[r0:r1]
         r = _orthonormalise_(basis.blocks, w)
         if r == 0:  # nothing to start from (e.g. a zero warm start): a random vector
-            start = random_block(1)
-        else:
-            v0 = torch.cat([V[:, :r].sum(dim=1, keepdim=True) for V in basis.blocks])
-            v0 /= v0.norm()
-            hv0 = apply(v0)
-            hvps += 1
-            hv0_norm = float(hv0.norm())
-            rem = hv0.clone()
-            basis.sub_(0, r, rem, basis.inner(0, r, rem))
-            rho = float(rem.norm()) / max(hv0_norm, torch.finfo(dtype).tiny)
-            del rem
-            if rho <= _BLOCK_WARM_FACTOR * tol:
-                npend = admit(lambda i: basis.columns(i, i + 1), r)  # in place: column i moves to column size <= i
-                for V in basis.blocks:
-                    V[:, npend:r] = 0
-            else:  # v0 (its product is paid for) and, for a block, the leading previous vectors
-                start = v0 if block_size == 1 else torch.cat([v0, basis.columns(0, min(r, block_size - 1))], dim=1)
-                cached = (v0, hv0)
-                for V in basis.blocks:
-                    V[:, :r] = 0
-    if start is not None:
-        npend = append_pending(start)
-        del start
-    if npend == 0:  # degenerate warm start: fall back to a random vector
-        npend = append_pending(random_block(1))
-    C = torch.zeros(npend, 0, dtype=small, device=device)
+            return self._random_block(1)
+        v0 = torch.cat([V[:, :r].sum(dim=1, keepdim=True) for V in basis.blocks])
+        v0 /= v0.norm()
+        hv0 = self._apply(v0)
+        self.hvps += 1
+        hv0_norm = float(hv0.norm())
+        rem = hv0.clone()
+        basis.sub_(0, r, rem, basis.inner(0, r, rem))
+        rho = float(rem.norm()) / max(hv0_norm, torch.finfo(self.dtype).tiny)
+        del rem
+        if rho <= _BLOCK_WARM_FACTOR * self.tol:
+            self.npend = self._admit(lambda i: basis.columns(i, i + 1), r)  # in place: column i moves to size <= i
+            for V in basis.blocks:
+                V[:, self.npend : r] = 0
+            return None
+        # v0 (its product is paid for) and, for a block, the leading previous vectors
+        b = self.block_size
+        start = v0 if b == 1 else torch.cat([v0, basis.columns(0, min(r, b - 1))], dim=1)
+        self.cached = (v0, hv0)
+        for V in basis.blocks:
+            V[:, :r] = 0
+        return start
 
-    # the k returned pairs meet tol; the p guard pairs only _GUARD_FACTOR * tol (they exist to reveal a missed member of
-    # a cluster, which a looser residual still does: a Ritz value is within its residual of an eigenvalue)
-    pair_tol = torch.ones(kt, dtype=small, device=device)
-    pair_tol[k:] = _GUARD_FACTOR
-    theta = torch.zeros(0, dtype=small, device=device)
-    S = torch.zeros(0, 0, dtype=small, device=device)
-    res = torch.zeros(0, dtype=small, device=device)
-    converged = False
-    scale = 1.0
-    while True:
-        # The Ritz pairs serve the convergence test (from kt done vectors on), the rotation of a pending block, the
-        # stops and the restarts (which need a full basis, cap >= kt + 2, so nd >= kt with one pending vector). Between
-        # plain Lanczos steps before that they are not computed: the same iterations with fewer small dense
-        # eigensolves, each a LAPACK call that wakes every thread.
-        if nd > 0 and (_RITZ_EVERY_STEP or nd >= kt or npend != 1 or hvps >= max_hvps):
-            evals, evecs = torch.linalg.eigh(T)
-            theta, S = evals.flip(0), evecs.flip(1)
-            res = (C @ S).norm(dim=0) if npend > 0 else torch.zeros_like(theta)
-            scale = max(abs(float(theta[0])), float(theta.abs().max()) * eps, torch.finfo(dtype).tiny)
-            want = min(kt, nd)
-            limit = tol * scale * pair_tol[:want]
-            if nd >= kt and bool((res[:want] <= limit).all()):
-                converged = True
-                break
-            if npend == 0 and basis.size >= n:  # the basis spans the whole space: Ritz pairs are exact
-                converged = True
-                break
-            if hvps >= max_hvps:
-                break
-        if npend == 0:  # invariant subspace found: continue with a fresh random direction
-            if basis.size >= cap:
-                nd, T, C, restarts = _restart(basis, nd, npend, T, C, theta, S, kt, cap - 1, restarts)
-            npend = append_pending(random_block(1))
-            C = torch.zeros(npend, nd, dtype=small, device=device)
-            continue
+    # ------------------------------------------------------------------------------------------------ main loop
+
+    def run(self) -> EigenResult:
+        """Krylov steps until the Ritz pairs pass :meth:`_stop`; then the result."""
+        while True:
+            # The Ritz pairs serve the convergence test (from kt done vectors on), the rotation of a pending block,
+            # the stops and the restarts (which need a full basis, cap >= kt + 2, so nd >= kt with one pending
+            # vector). Between plain Lanczos steps before that they are not computed: the same iterations with fewer
+            # small dense eigensolves, each a LAPACK call that wakes every thread.
+            nd, npend = self.nd, self.npend
+            if nd > 0 and (_RITZ_EVERY_STEP or nd >= self.kt or npend != 1 or self.hvps >= self.max_hvps):
+                self._rayleigh_ritz()
+                if self._stop():
+                    break
+            if npend == 0:  # invariant subspace found: continue with a fresh random direction
+                if self.basis.size >= self.cap:
+                    self._restart(self.cap - 1)
+                self.npend = self._append_pending(self._random_block(1))
+                self.C = self._zeros(self.npend, self.nd)
+                continue
+            self._extend()
+        return self._result()
+
+    # ------------------------------------------------------------------------------------------------ Rayleigh-Ritz
+
+    def _rayleigh_ritz(self) -> None:
+        """Ritz pairs of ``T`` (descending) and their residual norms ``‖C s‖`` (no products)."""
+        evals, evecs = torch.linalg.eigh(self.T)
+        self.theta, self.S = evals.flip(0), evecs.flip(1)
+        self.res = (self.C @ self.S).norm(dim=0) if self.npend > 0 else torch.zeros_like(self.theta)
+        theta = self.theta
+        self.scale = max(abs(float(theta[0])), float(theta.abs().max()) * self.eps, torch.finfo(self.dtype).tiny)
+
+    def _limits(self, want: int) -> Tensor:
+        """Residual bounds of the leading ``want`` pairs."""
+        return self.tol * self.scale * self.pair_tol[:want]
+
+    def _stop(self) -> bool:
+        """Convergence and guard check: all pairs within their bounds, the whole space spanned, or no budget left."""
+        want = min(self.kt, self.nd)
+        if self.nd >= self.kt and bool((self.res[:want] <= self._limits(want)).all()):
+            self.converged = True
+            return True
+        if self.npend == 0 and self.basis.size >= self.n:  # the basis spans the whole space: Ritz pairs are exact
+            self.converged = True
+            return True
+        return self.hvps >= self.max_hvps
+
+    # ------------------------------------------------------------------------------------------------ Krylov step
+
+    def _extend(self) -> None:
+        """One (block) Lanczos step: multiply ``b`` pending vectors, orthogonalise the products, extend ``T``, ``C``."""
+        nd, npend = self.nd, self.npend
         # the first step multiplies the whole start block (as much of it as the basis has room for), later steps
         # block_size pending vectors
-        b = min(npend, max(1, cap - basis.size)) if nd == 0 else min(npend, block_size)
+        b = min(npend, max(1, self.cap - self.basis.size)) if nd == 0 else min(npend, self.block_size)
         if nd > 0 and npend > 1:
-            # rotate the pending block so that its first b vectors span the residual directions of the b leading
-            # unconverged Ritz pairs (with one pending vector this is plain Lanczos)
-            want = min(kt, nd)
-            E = C @ S[:, :want]
-            unconv = (res[:want] > tol * scale * pair_tol[:want]).nonzero()[:, 0]
-            first = int(unconv[0]) if len(unconv) else 0
-            d = E[:, unconv[:b]] if len(unconv) >= b else E[:, first : first + b]
-            d = d / d.norm(dim=0).clamp_min(torch.finfo(small).tiny)
-            eye = torch.eye(npend, dtype=small, device=device)
-            Z, _ = torch.linalg.qr(torch.cat([d, eye], dim=1)[:, :npend])
-            basis.matmul_(nd, nd + npend, Z.to(dtype))
-            C = Z.T @ C
-        if basis.size + b > cap and cap < n and nd > 0:  # with cap == n the remainders always fit
-            nd, T, C, restarts = _restart(basis, nd, npend, T, C, theta, S, kt, cap - b, restarts)
-        nb = basis.size
-        # multiply the b vectors (in chunks when n is large, so that only a chunk of products is held at once) and
-        # project each product against the nb basis vectors, then orthonormalise the remainders among themselves
-        coef = torch.empty(nb, b, dtype=small, device=device)
-        chunk = min(b, _block_chunk(n))
-        remainders: list[tuple[Tensor, float]] = []  # (remainder column, norm of the product) per vector
-        Rcoef = torch.zeros(b, b, dtype=small, device=device)
-        r = 0
-        for lo in range(0, b, chunk):
-            hi = min(b, lo + chunk)
-            if cached is not None and nd == 0 and lo == 0:
-                # the start vector's product, paid for by the warm-start test, and the rest of the chunk
-                W = cached[1] / float(cached[0].norm())
-                if hi - lo > 1:
-                    W = torch.cat([W, apply(basis.columns(nd + 1, nd + hi), owned=True)], dim=1)
-                    hvps += hi - lo - 1
-                cached = None
-            else:
-                W = apply(basis.columns(nd + lo, nd + hi), owned=True)
-                hvps += hi - lo
-            wnorms = W.norm(dim=0)
-            # NaN and inf propagate into the norms: only a non-finite norm (or an overflowing one) needs the full check
-            if not bool(torch.isfinite(wnorms).all()) and not bool(torch.isfinite(W).all()):
-                from lightning_curvprobe.functional.hvp import NonFiniteProbeError
-
-                raise NonFiniteProbeError("the eigensolver met a non-finite Hessian-vector product.")
-            coef[:, lo:hi] = basis.project_out_(W, nb, wnorms).to(small)
-            remainders = [(W[:, i : i + 1], float(wnorms[i])) for i in range(hi - lo)]
-            # orthonormalise the remainders (already orthogonal to the basis) among themselves
-            for i, (x, wnorm) in enumerate(remainders, start=lo):
-                for _ in range(2):
-                    if r > 0:
-                        c = basis.inner(nb, nb + r, x)
-                        basis.sub_(nb, nb + r, x, c)
-                        Rcoef[:r, i] += c[:, 0].to(small)
-                norm = float(x.norm())
-                if norm > max(100.0, 10.0 * nb) * eps * wnorm and nb + r < cap:
-                    basis.set_column(nb + r, x / norm)
-                    Rcoef[r, i] = norm
-                    r += 1
-                # else: breakdown, H q lies in the span of the basis (an invariant subspace)
-            del W, remainders
+            self._rotate_pending(b)
+        if self.basis.size + b > self.cap and self.cap < self.n and nd > 0:  # with cap == n the remainders fit
+            self._restart(self.cap - b)
+        nd, nb = self.nd, self.basis.size
+        coef, Rcoef, r = self._multiply(b, nb)
         # projected matrix over the done vectors plus the b just multiplied
-        Tn = torch.zeros(nd + b, nd + b, dtype=small, device=device)
+        C, T = self.C, self.T
+        Tn = self._zeros(nd + b, nd + b)
         Tn[:nd, :nd] = T
         cross = 0.5 * (C[:b, :].T + coef[:nd])
         Tn[:nd, nd:] = cross
         Tn[nd:, :nd] = cross.T
         Tn[nd:, nd:] = 0.5 * (coef[nd : nd + b] + coef[nd : nd + b].T)
         rest = torch.cat([C[b:, :], coef[nd + b : nb]], dim=1)  # the other pending vectors' rows
-        basis.size = nb + r
-        C = torch.cat([rest, torch.cat([torch.zeros(r, nd, dtype=small, device=device), Rcoef[:r]], dim=1)])
-        T = Tn
-        nd += b
-        npend = npend - b + r
+        self.basis.size = nb + r
+        self.C = torch.cat([rest, torch.cat([self._zeros(r, nd), Rcoef[:r]], dim=1)])
+        self.T = Tn
+        self.nd = nd + b
+        self.npend = npend - b + r
 
-    want = min(kt, nd)
-    coeffs = S[:, :want].to(dtype)
-    # the Ritz vectors, stored column by column (each vector contiguous), built while the basis is released;
-    # eigenvectors is a view of basis
-    vectors = basis.ritz_vectors(nd, coeffs)
-    _canonical_signs_(vectors)
-    kk = min(k, nd)
-    return EigenResult(
-        eigenvalues=theta[:kk].to(dtype),
-        eigenvectors=vectors[:, :kk],
-        residuals=res[:kk].to(dtype),
-        hvps=hvps,
-        converged=converged and kk == k,
-        restarts=restarts,
-        basis=vectors,
-    )
+    def _rotate_pending(self, b: int) -> None:
+        """Rotate the pending block: its first ``b`` vectors span the ``b`` leading unconverged residual directions.
+
+        With one pending vector this is plain Lanczos (nothing to rotate).
+        """
+        want = min(self.kt, self.nd)
+        E = self.C @ self.S[:, :want]
+        unconv = (self.res[:want] > self._limits(want)).nonzero()[:, 0]
+        first = int(unconv[0]) if len(unconv) else 0
+        d = E[:, unconv[:b]] if len(unconv) >= b else E[:, first : first + b]
+        d = d / d.norm(dim=0).clamp_min(torch.finfo(self.small).tiny)
+        eye = torch.eye(self.npend, dtype=self.small, device=self.device)
+        Z, _ = torch.linalg.qr(torch.cat([d, eye], dim=1)[:, : self.npend])
+        self.basis.matmul_(self.nd, self.nd + self.npend, Z.to(self.dtype))
+        self.C = Z.T @ self.C
+
+    def _multiply(self, b: int, nb: int) -> tuple[Tensor, Tensor, int]:
+        """Multiply the first ``b`` pending vectors and orthogonalise the products (:meth:`_orthogonalise`).
+
+        The products are taken in chunks when n is large, so that only a chunk of them is held at once. Returns the
+        coefficients on the ``nb`` basis vectors, those among the remainders, and how many remainders joined the basis.
+        """
+        nd = self.nd
+        coef = torch.empty(nb, b, dtype=self.small, device=self.device)
+        chunk = min(b, _block_chunk(self.n))
+        Rcoef = self._zeros(b, b)
+        r = 0
+        for lo in range(0, b, chunk):
+            hi = min(b, lo + chunk)
+            if self.cached is not None and nd == 0 and lo == 0:
+                # the start vector's product, paid for by the warm-start test, and the rest of the chunk
+                W = self.cached[1] / float(self.cached[0].norm())
+                if hi - lo > 1:
+                    W = torch.cat([W, self._apply(self.basis.columns(nd + 1, nd + hi), owned=True)], dim=1)
+                    self.hvps += hi - lo - 1
+                self.cached = None
+            else:
+                W = self._apply(self.basis.columns(nd + lo, nd + hi), owned=True)
+                self.hvps += hi - lo
+            r = self._orthogonalise(W, nb, lo, coef, Rcoef, r)
+            del W
+        return coef, Rcoef, r
+
+    def _orthogonalise(self, W: Tensor, nb: int, lo: int, coef: Tensor, Rcoef: Tensor, r: int) -> int:
+        """Reorthogonalise products ``W`` (the step's columns ``lo:``) against the basis; append the remainders.
+
+        Against the ``nb`` basis vectors first, then among the ``r`` remainders already kept; returns the new count.
+        """
+        basis, eps = self.basis, self.eps
+        wnorms = W.norm(dim=0)
+        # NaN and inf propagate into the norms: only a non-finite norm (or an overflowing one) needs the full check
+        if not bool(torch.isfinite(wnorms).all()) and not bool(torch.isfinite(W).all()):
+            from lightning_curvprobe.functional.hvp import NonFiniteProbeError
+
+            raise NonFiniteProbeError("the eigensolver met a non-finite Hessian-vector product.")
+        coef[:, lo : lo + W.shape[1]] = basis.project_out_(W, nb, wnorms).to(self.small)
+        # orthonormalise the remainders (already orthogonal to the basis) among themselves
+        for i in range(W.shape[1]):
+            x, wnorm = W[:, i : i + 1], float(wnorms[i])
+            for _ in range(2):
+                if r > 0:
+                    c = basis.inner(nb, nb + r, x)
+                    basis.sub_(nb, nb + r, x, c)
+                    Rcoef[:r, lo + i] += c[:, 0].to(self.small)
+            norm = float(x.norm())
+            if norm > max(100.0, 10.0 * nb) * eps * wnorm and nb + r < self.cap:
+                basis.set_column(nb + r, x / norm)
+                Rcoef[r, lo + i] = norm
+                r += 1
+            # else: breakdown, H q lies in the span of the basis (an invariant subspace)
+        return r
+
+    # ------------------------------------------------------------------------------------------------ restart
+
+    def _restart(self, cap: int) -> None:
+        """Thick restart: keep the top Ritz vectors of the done block and every pending vector (the relation is exact).
+
+        ``cap`` is the number of basis vectors allowed after the restart (it already leaves room for the vectors about
+        to be added).
+        """
+        kt, nd = self.kt, self.nd
+        room = cap - self.npend
+        keep = max(1, min(nd - 1, room, max(kt, kt + (room - kt) // 2)))
+        self.basis.restart_(nd, self.npend, self.S[:, :keep].to(self.dtype))
+        self.T = torch.diag(self.theta[:keep])
+        self.C = self.C @ self.S[:, :keep]
+        self.nd = keep
+        self.restarts += 1
+
+    # ------------------------------------------------------------------------------------------------ result
+
+    def _result(self) -> EigenResult:
+        want = min(self.kt, self.nd)
+        coeffs = self.S[:, :want].to(self.dtype)
+        # the Ritz vectors, stored column by column (each vector contiguous), built while the basis is released;
+        # eigenvectors is a view of basis
+        vectors = self.basis.ritz_vectors(self.nd, coeffs)
+        _canonical_signs_(vectors)
+        kk = min(self.k, self.nd)
+        return EigenResult(
+            eigenvalues=self.theta[:kk].to(self.dtype),
+            eigenvectors=vectors[:, :kk],
+            residuals=self.res[:kk].to(self.dtype),
+            hvps=self.hvps,
+            converged=self.converged and kk == self.k,
+            restarts=self.restarts,
+            basis=vectors,
+        )
 
 
 def _canonical_signs_(vectors: Tensor) -> None:
@@ -623,18 +749,3 @@ def _canonical_signs_(vectors: Tensor) -> None:
         v = vectors[:, j]
         if v.numel() and float(v[v.abs().argmax()]) < 0:
             v.neg_()
-
-
-def _restart(
-    basis: _Basis, nd: int, npend: int, T: Tensor, C: Tensor, theta: Tensor, S: Tensor, kt: int, cap: int, restarts: int
-) -> tuple[int, Tensor, Tensor, int]:
-    """Thick restart: keep the top Ritz vectors of the done block and every pending vector (the relation stays exact).
-
-    ``cap`` is the number of basis vectors allowed after the restart.
-    """
-    room = cap - npend  # `cap` here already leaves space for the vectors about to be added
-    keep = max(1, min(nd - 1, room, max(kt, kt + (room - kt) // 2)))
-    basis.restart_(nd, npend, S[:, :keep].to(basis.blocks[0].dtype))
-    T = torch.diag(theta[:keep])
-    C = C @ S[:, :keep]
-    return keep, T, C, restarts + 1
