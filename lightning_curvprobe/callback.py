@@ -21,9 +21,14 @@ from typing_extensions import override
 from lightning_curvprobe._checks import (
     ESTIMATORS,
     _check_choice,
+    _check_device,
     _check_int,
     _check_num_eigenvectors,
+    _check_optional_positive,
     _check_positive_float,
+    _check_prefix,
+    _check_sample_sizes,
+    _check_sigma,
 )
 from lightning_curvprobe._logging import ProbeLogger
 from lightning_curvprobe._probe_data import (
@@ -190,7 +195,7 @@ class CurvatureStabilityCallback(Callback):
     ) -> None:
         super().__init__()
         self.num_eigenvectors = _check_int("num_eigenvectors", num_eigenvectors, minimum=1)
-        self.sigma: float | str = "auto" if sigma == "auto" else _check_sigma(sigma)
+        self.sigma: float | str = _check_sigma(sigma)
         self.num_probe_samples = _check_int("num_probe_samples", num_probe_samples, minimum=1)
         self.num_added_samples = _check_int("num_added_samples", num_added_samples, minimum=1)
         self.estimator = _check_choice("estimator", estimator, ESTIMATORS)
@@ -209,45 +214,18 @@ class CurvatureStabilityCallback(Callback):
         self.probe_data = probe_data
         self.tol = _check_positive_float("tol", tol)
         self.max_basis = None if max_basis is None else _check_int("max_basis", max_basis, minimum=2)
-        if basis_device is not None:
-            try:
-                torch.device(basis_device)
-            except (RuntimeError, TypeError) as err:
-                raise ValueError(
-                    f"`basis_device` must be None or a torch device string such as 'cpu' or 'cuda:0', got "
-                    f"{basis_device!r}."
-                ) from err
-        self.basis_device = basis_device
+        self.basis_device = _check_device("basis_device", basis_device)
         self.quadratic_error_samples = _check_int("quadratic_error_samples", quadratic_error_samples, minimum=0)
-        if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
-            raise ValueError(f"`log_prefix` must be a non-empty string not ending in '/', got {log_prefix!r}.")
-        self.log_prefix = log_prefix
+        self.log_prefix = _check_prefix("log_prefix", log_prefix)
         self.seed = _check_int("seed", seed, minimum=0)
         self.save_subspace = bool(save_subspace)
         self.max_quadratic_error = _check_positive_float("max_quadratic_error", max_quadratic_error)
-        if sample_sizes is not None:
-            sizes = list(sample_sizes)
-            ok = all(isinstance(v, int) and not isinstance(v, bool) for v in sizes)
-            if not sizes or not ok or any(v < 1 for v in sizes) or sizes != sorted(set(sizes)):
-                raise ValueError(
-                    "`sample_sizes` must be a non-empty strictly increasing list of positive ints, "
-                    f"got {sample_sizes!r}."
-                )
-            if sizes[-1] > num_probe_samples:
-                raise ValueError(
-                    f"`sample_sizes` must not exceed num_probe_samples={num_probe_samples}, got {sample_sizes!r}."
-                )
-            sample_sizes = sizes
-        self.sample_sizes = sample_sizes
-        self.sufficient_tolerance = (
-            None
-            if sufficient_tolerance is None
-            else _check_positive_float("sufficient_tolerance", sufficient_tolerance)
-        )
+        self.sample_sizes = _check_sample_sizes("sample_sizes", sample_sizes, num_probe_samples)
+        self.sufficient_tolerance = _check_optional_positive("sufficient_tolerance", sufficient_tolerance)
         self.full_space_samples = _check_int("full_space_samples", full_space_samples, minimum=0)
         self.hvp = _check_choice("hvp", hvp, HVP_KINDS)
         self.on_error = _check_choice("on_error", on_error, ("warn", "raise"))
-        self.max_overhead = None if max_overhead is None else _check_positive_float("max_overhead", max_overhead)
+        self.max_overhead = _check_optional_positive("max_overhead", max_overhead)
         self._sigma_value = 1e-3 if self.sigma == "auto" else float(self.sigma)
         self._logger = ProbeLogger(log_prefix)
         self._warned: set[str] = set()
@@ -797,10 +775,3 @@ def _no_validation_reason(trainer: Trainer, pl_module: LightningModule) -> str |
 
 def _num_trainable(module: LightningModule) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def _check_sigma(sigma: Any) -> float:
-    try:
-        return _check_positive_float("sigma", sigma)
-    except (TypeError, ValueError) as err:
-        raise type(err)(str(err).replace("positive finite float", "positive finite float or 'auto'", 1)) from None
