@@ -6,6 +6,7 @@ The callback only schedules, handles Lightning's contexts and logs; the mathemat
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -86,8 +87,10 @@ class CurvatureStabilityCallback(Callback):
     - ``<prefix>/overhead``: the probe's cumulative time over the training time so far (also on skipped epochs).
     - ``<prefix>/delta2_terms/a2``, ``<prefix>/delta2_terms/gradient``, ``<prefix>/delta2_terms/curvature``: the
       Gaussian-moment decomposition of ``delta2`` (mean :math:`a^2`, :math:`\sigma^2\lVert c\rVert^2` and the terms in
-      :math:`B`), ``<prefix>/curvature_share`` :math:`= (\Delta_2^{(D)} - \overline{a^2})/\Delta_2^{(D)}` and
-      ``<prefix>/discrepancy`` :math:`= (k+1)^2\Delta_2^{(D)}` (see :func:`lightning_curvprobe._signals.explain`).
+      :math:`B`), ``<prefix>/curvature_share`` :math:`= (\Delta_2^{(D)} - \overline{a^2})/\Delta_2^{(D)}`,
+      ``<prefix>/discrepancy`` :math:`= (k+1)^2\Delta_2^{(D)}` and ``<prefix>/delta2_rel_peak`` (``delta2`` as a
+      fraction of its largest value so far in the run; the stopping study's gating signal), see
+      :func:`lightning_curvprobe._signals.explain`.
     - with ``sample_sizes`` (at refreshes): ``<prefix>/decay_exponent`` and ``<prefix>/delta1_exponent`` (log-log
       slopes of :math:`\Delta_2^{(D)}` and :math:`\Delta_1` against ``k+1``; theory about -2 and -1) and
       ``<prefix>/sufficient_k`` (the extrapolated smallest ``k`` with :math:`\Delta_2^{(D)} \le`
@@ -486,7 +489,8 @@ class CurvatureStabilityCallback(Callback):
             "quadratic_error": float(details["quadratic_error"]),
             "sigma": self._sigma_value,
         }
-        values.update(explain(details, self._sigma_value, self.num_probe_samples))
+        peak = max((h["delta2"] for h in self.history if math.isfinite(h["delta2"])), default=None)
+        values.update(explain(details, self._sigma_value, self.num_probe_samples, peak_delta2=peak))
         extra = self._extras(pl_module, refresh)
         if "delta2_full" in extra:
             extra["subspace_ratio"] = delta2 / extra["delta2_full"] if extra["delta2_full"] > 0 else float("nan")
