@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
 from lightning_curvprobe.functional import HessianOperator, ModelFunction, probe_stability
-from lightning_curvprobe.functional.hvp import finite_difference_step
+from lightning_curvprobe.functional.hvp import FD_STEP_SCALE, finite_difference_step
 from lightning_curvprobe.functional.preflight import preflight
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*requires_grad.*", "ignore:.*use_reentrant.*")
@@ -79,8 +79,9 @@ def test_finite_difference_products_match_autograd_in_float64():
 
 def test_finite_difference_step_scales_with_weights_and_vector():
     u32 = torch.finfo(torch.float32).eps / 2
-    assert finite_difference_step(10.0, 1.0, torch.float32) == pytest.approx(0.5 * u32 ** (1 / 3) * 10.0)
-    assert finite_difference_step(0.1, 2.0, torch.float32) == pytest.approx(0.5 * u32 ** (1 / 3) / 2.0)
+    c = FD_STEP_SCALE
+    assert finite_difference_step(10.0, 1.0, torch.float32) == pytest.approx(c * u32 ** (1 / 3) * 10.0)
+    assert finite_difference_step(0.1, 2.0, torch.float32) == pytest.approx(c * u32 ** (1 / 3) / 2.0)
 
 
 def test_finite_difference_probe_matches_autograd_probe():
