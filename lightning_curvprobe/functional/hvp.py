@@ -26,8 +26,8 @@ rounding error about :math:`u \lVert \nabla L\rVert / \varepsilon`. The textbook
 direction (:math:`c \approx 0.5`) is too coarse along the top eigenvectors, where the third derivative is largest:
 measured with ``tests/benchmarks/hvp_kinds.py`` in float32 on a 110k-parameter transformer, the top-10 eigenvalues
 were 3.7e-2·λ₁ off at :math:`c = 0.5`, 4.6e-4 at 0.05 and 4e-5 at 0.015 (quickstart MLP: 1.1e-3, 1.3e-5, 1.4e-5),
-with ``delta2`` within 3e-7 relative at the small steps. In float64 the products agree with autograd to about 2e-9.
-On piecewise-linear activations (ReLU) a finite difference also sees the kinks that autograd's Hessian ignores (a
+with ``delta2`` within 3e-7 relative at the small steps. In float64 the products agree with autograd to about
+2e-9. On piecewise-linear activations (ReLU) a finite difference also sees the kinks that autograd's Hessian ignores (a
 small step crosses fewer of them).
 
 ``"auto"`` uses autograd and falls back to finite differences once, for the rest of the model's life, when building
