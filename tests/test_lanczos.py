@@ -405,6 +405,43 @@ def test_chunked_inner_products_loop_and_batched_agree():
     torch.testing.assert_close(batched.double(), loop.double(), rtol=0, atol=float(bound.min()) / 100)
 
 
+def test_solver_on_the_batched_inner_product_path(model_hessian, monkeypatch):
+    """The GPU design on the CPU: a float32 basis' inner products as one batched product over the row chunks of each
+    row block (float64 sums of the chunks' float32 products), against the chunk loop: the same products and restarts,
+    eigenpairs to float32 rounding, cold (with restarts) and warm. A float64 basis needs no chunked sums at all."""
+    from lightning_curvprobe.functional import lanczos
+
+    _, _, H, _ = model_hessian
+    n, k, tol = H.shape[0], 5, 1e-4
+    A = H.float()
+    monkeypatch.setattr(lanczos, "_ROW_CHUNK", 64)  # 1540 rows: 24 full chunks and a remainder, 7 row blocks
+    prev = top_eigenpairs(lambda v: A @ v, n, k, tol=tol, dtype=torch.float32).basis
+    A2 = _perturbed(H, 1e-3).float()
+    calls = []
+    batched = lanczos._inner_batched
+
+    def counted(*args):
+        calls.append(1)
+        return batched(*args)
+
+    monkeypatch.setattr(lanczos, "_inner_batched", counted)
+    runs = {}
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(lanczos, "_BATCHED_INNER_DEVICES", devices)
+        calls.clear()
+        runs[devices] = [top_eigenpairs(lambda v: A @ v, n, k, tol=tol, dtype=torch.float32, max_basis=16),
+                         top_eigenpairs(lambda v: A2 @ v, n, k, tol=tol, dtype=torch.float32, warm_start=prev)]
+        assert (len(calls) > 0) == (devices == ("cpu",))
+    for loop, bat in zip(runs[()], runs[("cpu",)], strict=True):
+        assert bat.converged and bat.hvps == loop.hvps and bat.restarts == loop.restarts
+        torch.testing.assert_close(bat.eigenvalues, loop.eigenvalues, rtol=1e-6, atol=0)
+        torch.testing.assert_close(bat.eigenvectors, loop.eigenvectors, rtol=0, atol=1e-4)
+    assert runs[()][0].restarts > 0
+    calls.clear()
+    res64 = top_eigenpairs(lambda v: H @ v, n, k, tol=1e-6, max_basis=16)
+    assert res64.converged and not calls
+
+
 def _orth_error(Q):
     return float((Q.double().T @ Q.double() - torch.eye(Q.shape[1], dtype=DT)).abs().max())
 
@@ -569,11 +606,11 @@ def test_orthonormalise_in_row_blocks_equals_whole(monkeypatch):
         basis = lanczos._Basis(500, 9, DT, torch.device("cpu"))
         assert len(basis.blocks) == 16
         for (r0, r1), V in zip(basis.bounds, basis.blocks, strict=True):
-            V[:, : W.shape[1]] = W[r0:r1]
+            V[: W.shape[1]] = W[r0:r1].T  # vector j's entries r0:r1 are V[j]
         r = lanczos._orthonormalise_(basis.blocks, W.shape[1])
         assert r == whole.shape[1] == 4
         torch.testing.assert_close(basis.columns(0, r), whole, rtol=0, atol=1e-13)
-        assert not basis.columns(r, 9).any()  # the dropped and unused columns are zero
+        assert not basis.columns(r, W.shape[1]).any()  # the dropped vectors are zero
         assert _orth_error(whole) <= 1e-14
 
 
@@ -604,7 +641,7 @@ def test_gram_schmidt_second_pass_only_when_the_first_lost_half_the_norm(monkeyp
     n, m = 500, 6
     Q, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=DT))
     basis = lanczos._Basis(n, m + 1, DT, torch.device("cpu"))
-    basis.blocks[0][:, :m] = Q
+    basis.blocks[0][:m] = Q.T
     basis.size = m
     calls = _counting_inner(monkeypatch)
 

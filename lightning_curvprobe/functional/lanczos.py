@@ -7,9 +7,11 @@ The solver keeps an orthonormal basis :math:`V = [V_d, V_p]` of ``done`` vectors
 
 A Ritz pair :math:`(\theta, y = V_d s)` of :math:`T` has the residual :math:`H y - \theta y = V_p C s`, so its norm
 :math:`\lVert C s\rVert` is known without extra products. Each step multiplies one pending vector (the direction
-that carries most of the unconverged residuals), orthogonalises the product against the whole basis (full
-reorthogonalisation: classical Gram-Schmidt, with a second pass whenever the first one removed more than half of the
-squared norm, the DGKS criterion that ARPACK uses) and appends the remainder as a new pending vector. With one
+that carries most of the unconverged residuals), subtracts the product's known large components (``C``'s row on the
+done vectors, and its own Rayleigh quotient: the Lanczos recurrence), orthogonalises the rest against the whole basis
+(full reorthogonalisation: one classical Gram-Schmidt pass, and a second one whenever the first removed more than half
+of the squared norm, the DGKS criterion that ARPACK uses; after the recurrence's subtraction that is rare) and appends
+the remainder as a new pending vector. With one
 pending vector this is Lanczos; with ``block_size = b`` each step multiplies the ``b`` pending directions of the ``b``
 leading unconverged residuals (block Lanczos). Eigenvectors are returned with a canonical sign (largest-magnitude
 entry positive).
@@ -30,12 +32,16 @@ the wrong member of a near-degenerate cluster, ``num_extra`` pairs beyond the re
 
 Memory: besides the basis (``max_basis · n`` numbers, on ``basis_device``) the solver holds one chunk of products at a
 time (the whole block when ``n`` is small, one vector when ``n > 2**24``) and a few single vectors; it orthogonalises in
-place, and rotates and restarts the basis in place row chunk by row chunk. A warm start is copied into the basis and
-orthonormalised there (no other copy of it). The basis is held in up to 16 row blocks, so the ``n · (k + p)`` Ritz
-vectors are built while it is released block by block: the peak is the basis plus a sixteenth of the result (the
-returned ``eigenvectors`` are a view of ``basis``). Inner products with the basis are summed over row chunks in float64:
-a single float32 product over millions of rows loses ~1e-4 relative accuracy, which at ``tol = 1e-3`` can stall the
-solver.
+place, and rotates and restarts the basis in place chunk by chunk. A warm start is copied into the basis and
+orthonormalised there (no other copy of it). Each basis vector is contiguous (see :class:`_Basis`), and the basis is
+held in up to 16 row blocks, so the ``n · (k + p)`` Ritz vectors are built while it is released block by block: the
+peak is the basis plus a sixteenth of the result (the returned ``eigenvectors`` are a view of ``basis``).
+
+Work outside the products, per step: two passes over the basis (the inner products as one matrix-vector product per
+row block, and the subtraction), a few over the new vector. The inner products of a float32 basis are summed over row
+chunks in float64 (a single float32 product over millions of rows loses ~1e-4 relative accuracy, which at
+``tol = 1e-3`` can stall the solver): on a GPU as one batched product per row block, on a CPU as a loop over the
+chunks; a float64 basis is summed directly.
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ _ROW_CHUNK = 1 << 16
 _BLOCK_ELEMENTS = 1 << 24  # a block step multiplies at most max(1, this // n) vectors at a time (its N x b memory)
 _BLOCK_WARM_FACTOR = 10.0
 _GUARD_FACTOR = 10.0  # guard pairs are converged to this multiple of tol
-_BATCHED_INNER = True  # _inner on CUDA: one batched product over the row chunks
+_BATCHED_INNER = True  # _inner64 on the devices below: one batched product over the row chunks
+_BATCHED_INNER_DEVICES = ("cuda",)
+_COMBINE_CHUNK = 1 << 18  # entries per chunk when vectors are combined in place (restarts, rotations)
 _BASIS_BLOCKS = 16  # the basis is held in up to this many row blocks (see _Basis.ritz_vectors)
 # Daniel-Gragg-Kaufman-Stewart (1976): after one Gram-Schmidt pass, x keeps its orthogonality to working precision
 # (relative to its norm) when its norm is still at least this fraction of the norm before; otherwise a second pass.
@@ -95,44 +103,48 @@ def _default_num_extra(k: int, n: int) -> int:
 class _Basis:
     """Orthonormal basis storage with a fixed capacity (the only O(N) memory of the solver).
 
-    The ``n x cap`` numbers are held in up to :data:`_BASIS_BLOCKS` row blocks (each a whole number of ``_ROW_CHUNK``
-    rows, so inner products are summed over the same row chunks as for one tensor), so that the Ritz vectors can be
-    built while the basis is released block by block (:meth:`ritz_vectors`): the solver's peak is the basis plus
-    ``1 / _BASIS_BLOCKS`` of the result, never the basis plus the whole result. Columns ``size:`` are zero.
+    Vector-major: each basis vector's ``n`` numbers are contiguous, so that taking a vector for a product, storing a
+    new one and the inner products with the basis (one matrix-vector product with a ``(count, rows)`` matrix) read and
+    write only the numbers they need (a row-major ``n x cap`` layout touches a cache line per row to read or write one
+    column: measured 2-3 times the memory traffic of the vector-major products at n = 1e7). The ``cap x n`` numbers are
+    held in up to :data:`_BASIS_BLOCKS` blocks of whole ``_ROW_CHUNK``-row chunks (``blocks[i][j]`` holds entries
+    ``bounds[i]`` of vector ``j``), so that the Ritz vectors can be built while the basis is released block by block
+    (:meth:`ritz_vectors`): the solver's peak is the basis plus ``1 / _BASIS_BLOCKS`` of the result, never the basis
+    plus the whole result. Vectors ``size:`` are unused (their contents are never read).
     """
 
     def __init__(self, n: int, cap: int, dtype: torch.dtype, device: torch.device) -> None:
         rows = _ROW_CHUNK * max(1, math.ceil(math.ceil(n / _BASIS_BLOCKS) / _ROW_CHUNK))
         self.n = n
         self.bounds = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
-        self.blocks = [torch.zeros(r1 - r0, cap, dtype=dtype, device=device) for r0, r1 in self.bounds]
+        self.blocks = [torch.zeros(cap, r1 - r0, dtype=dtype, device=device) for r0, r1 in self.bounds]
         self.size = 0
 
     def columns(self, lo: int, hi: int) -> Tensor:
-        """A new ``n x (hi - lo)`` tensor holding columns ``lo:hi``."""
-        return torch.cat([V[:, lo:hi] for V in self.blocks])
+        """A new ``n x (hi - lo)`` tensor holding vectors ``lo:hi`` (strides ``(1, n)``: each vector contiguous)."""
+        return torch.cat([V[lo:hi] for V in self.blocks], dim=1).T
 
-    def set_column(self, j: int, x: Tensor) -> None:
-        """Column ``j`` = ``x`` (shape ``(n, 1)``)."""
+    def set_column(self, j: int, x: Tensor, scale: float = 1.0) -> None:
+        """Vector ``j`` = ``x / scale`` (``x``: shape ``(n, 1)``)."""
         for (r0, r1), V in zip(self.bounds, self.blocks, strict=True):
-            V[:, j] = x[r0:r1, 0]
+            torch.div(x[r0:r1, 0], scale, out=V[j])
 
     def inner(self, lo: int, hi: int, X: Tensor) -> Tensor:
-        """``V[:, lo:hi].T @ X``, summed over row chunks in float64 as :func:`_inner` does."""
-        if self.n <= _ROW_CHUNK:
-            return self.blocks[0][:, lo:hi].T @ X
+        """``V[:, lo:hi].T @ X`` (``X``: ``(n, m)``); float32 sums over row chunks in float64 (:func:`_inner64`)."""
+        if len(self.blocks) == 1 and (self.n <= _ROW_CHUNK or X.dtype == torch.float64):
+            return self.blocks[0][lo:hi] @ X
         out = torch.zeros(hi - lo, X.shape[1], dtype=torch.float64, device=X.device)
         for (r0, r1), V in zip(self.bounds, self.blocks, strict=True):
-            out += _inner64(V[:, lo:hi], X[r0:r1])
+            out += _inner64(V[lo:hi].T, X[r0:r1])
         return out.to(X.dtype)
 
     def sub_(self, lo: int, hi: int, X: Tensor, coef: Tensor) -> None:
         """``X -= V[:, lo:hi] @ coef`` in place."""
         for (r0, r1), V in zip(self.bounds, self.blocks, strict=True):
-            X[r0:r1].addmm_(V[:, lo:hi], coef, alpha=-1)
+            X[r0:r1].addmm_(V[lo:hi].T, coef, alpha=-1)
 
     def project_out_(self, X: Tensor, count: int, norms: Tensor | None = None) -> Tensor:
-        """Classical Gram-Schmidt of ``X`` against columns ``:count``, in place; returns the coefficients.
+        """Classical Gram-Schmidt of ``X`` against vectors ``:count``, in place; returns the coefficients.
 
         ``norms``: the norms of ``X``'s columns, when the caller has them already.
 
@@ -152,30 +164,27 @@ class _Basis:
         return coef + coef2
 
     def matmul_(self, lo: int, hi: int, Z: Tensor) -> None:
-        """``V[:, lo:lo + m] = V[:, lo:hi] @ Z`` in place (``Z``: ``(hi - lo, m)``), see :func:`_rows_matmul_`."""
+        """``V[:, lo:lo + m] = V[:, lo:hi] @ Z`` in place (``Z``: ``(hi - lo, m)``), see :func:`_combine_`."""
         for V in self.blocks:
-            _rows_matmul_(V, lo, hi, Z)
+            _combine_(V, lo, hi, Z)
 
     def restart_(self, nd: int, npend: int, Sk: Tensor) -> None:
-        """Thick restart in place: columns ``:keep`` = ``V[:, :nd] @ Sk``, the ``npend`` pending vectors move left."""
+        """Thick restart in place: vectors ``:keep`` = ``V[:, :nd] @ Sk``, the ``npend`` pending vectors move left."""
         keep = Sk.shape[1]
         for V in self.blocks:
-            for lo in range(0, V.shape[0], _ROW_CHUNK):  # row chunk by row chunk: no N x keep temporary
-                rows = V[lo : lo + _ROW_CHUNK]
-                rows[:, :keep] = rows[:, :nd] @ Sk
-                rows[:, keep : keep + npend] = rows[:, nd : nd + npend].clone()
-                rows[:, keep + npend :] = 0
+            _combine_(V, 0, nd, Sk)
+            V[keep : keep + npend] = V[nd : nd + npend].clone()
         self.size = keep + npend
 
     def ritz_vectors(self, nd: int, coeffs: Tensor) -> Tensor:
         """``V[:, :nd] @ coeffs`` stored column by column (shape ``(n, m)``, strides ``(1, n)``), releasing the basis.
 
-        Each row block's share of the result is computed and the block freed before the next one is read; the shares
-        are then copied into one tensor. Peak: the basis plus one share, then twice the result.
+        Each block's share of the result is computed and the block freed before the next one is read; the shares are
+        then copied into one tensor. Peak: the basis plus one share, then twice the result.
         """
         shares = []
         for i, V in enumerate(self.blocks):
-            shares.append(coeffs.T @ V[:, :nd].T)
+            shares.append(coeffs.T @ V[:nd])
             self.blocks[i] = V.new_empty(0, 0)
             del V
         self.blocks = []
@@ -201,11 +210,15 @@ def _inner(A: Tensor, X: Tensor) -> Tensor:
 
 
 def _inner64(A: Tensor, X: Tensor) -> Tensor:
-    """:func:`_inner` before its final rounding: the row chunks' partial products summed in float64."""
+    """:func:`_inner` before its final rounding: the row chunks' partial products summed in float64.
+
+    On the devices in :data:`_BATCHED_INNER_DEVICES` (GPUs) this is one batched product (:func:`_inner_batched`),
+    elsewhere a loop over the chunks (on a CPU the loop's matrix-vector products read the basis at full speed).
+    """
     n = A.shape[0]
-    if n <= _ROW_CHUNK:
+    if n <= _ROW_CHUNK or A.dtype == torch.float64:  # float64 sums need no chunking
         return (A.T @ X).to(torch.float64)
-    if A.device.type == "cuda" and _BATCHED_INNER:
+    if _BATCHED_INNER and A.device.type in _BATCHED_INNER_DEVICES:
         return _inner_batched(A, X)
     out = torch.zeros(A.shape[1], X.shape[1], dtype=torch.float64, device=A.device)
     for r0 in range(0, n, _ROW_CHUNK):
@@ -217,8 +230,8 @@ def _inner_batched(A: Tensor, X: Tensor) -> Tensor:
     """:func:`_inner64` as one batched product over the row chunks (one kernel launch instead of one per chunk).
 
     The chunks are strided views of ``A`` (no copy): ``(q, R, c)`` transposed to ``(q, c, R)`` is a batch of
-    column-major matrices. Each chunk's partial product is the same as in the loop; the ``q`` partial sums are then
-    added in float64. Used on GPUs, where a basis of 10^8 rows would otherwise cost ~1500 launches per inner product.
+    matrices. Each chunk's partial product is the same as in the loop; the ``q`` partial sums are then added in
+    float64. Used on GPUs, where a basis of 10^8 rows would otherwise cost ~1500 launches per inner product.
     """
     n = A.shape[0]
     full = n - n % _ROW_CHUNK
@@ -235,26 +248,26 @@ def _orthonormal_columns(W: Tensor, dtype: torch.dtype) -> Tensor:
 
     See :func:`_orthonormalise_`, which this runs on a copy of ``W``.
     """
-    Q = W.to(dtype=dtype, copy=True)
-    r = _orthonormalise_([Q], Q.shape[1])
-    return Q if r == Q.shape[1] else Q[:, :r].contiguous()
+    Q = W.T.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)  # (w, n): each vector contiguous
+    r = _orthonormalise_([Q], Q.shape[0])
+    return Q.T if r == Q.shape[0] else Q[:r].clone().T
 
 
 def _orthonormalise_(blocks: list[Tensor], w: int) -> int:
-    """Orthonormalise the first ``w`` columns of a matrix stored as row blocks, in place; returns their rank ``r``.
+    """Orthonormalise the first ``w`` vectors of a basis stored as :class:`_Basis` blocks, in place; returns the rank.
 
-    On return columns ``:r`` are an orthonormal basis of the span of the original ``w`` columns and columns ``r:w``
-    are zero. Cholesky QR twice: the ``w x w`` Gram matrix is summed in float64 over row chunks (:func:`_inner64`) and
-    factored, and ``W R^{-1}`` is applied in place, row chunk by row chunk. For a full-rank ``W`` the columns are those
-    of Gram-Schmidt on ``W``, up to rounding (positive diagonal of ``R``). When ``W`` is ill-conditioned (smallest
-    Cholesky pivot² below ``sqrt(eps(dtype))`` of the largest Gram entry: condition number above ~54 in float32,
-    ~8000 in float64, where the float32 chunk sums of the Gram matrix could no longer be trusted to give an
-    orthonormal result), the first pass is an eigenvalue-based whitening instead that drops the directions with Gram
-    eigenvalues below ``sqrt(eps)`` of the largest; a rank-deficient or zero ``W`` thus gives fewer (or no) columns.
-    (The solver re-orthogonalises every column it takes into its basis anyway: this only has to be good enough for
-    the warm-start test.) Unlike LAPACK's Householder QR this works for any ``n · w`` (LAPACK's 32-bit
-    workspace sizes fail beyond ~2^31 elements: measured on a 98.4M x 57 float32 basis), reads ``W`` in one pass
-    per factorisation and needs no memory beyond one row chunk of products.
+    ``blocks[i][j]`` holds entries ``bounds[i]`` of vector ``j``. On return vectors ``:r`` are an orthonormal basis of
+    the span of the original ``w`` vectors and vectors ``r:w`` are zero. Cholesky QR twice: the ``w x w`` Gram matrix
+    is summed in float64 over row chunks (:func:`_inner64`) and factored, and ``W R^{-1}`` is applied in place, chunk
+    by chunk. For a full-rank ``W`` the vectors are those of Gram-Schmidt on ``W``, up to rounding (positive diagonal
+    of ``R``). When ``W`` is ill-conditioned (smallest Cholesky pivot² below ``sqrt(eps(dtype))`` of the largest Gram
+    entry: condition number above ~54 in float32, ~8000 in float64, where the float32 chunk sums of the Gram matrix
+    could no longer be trusted to give an orthonormal result), the first pass is an eigenvalue-based whitening instead
+    that drops the directions with Gram eigenvalues below ``sqrt(eps)`` of the largest; a rank-deficient or zero ``W``
+    thus gives fewer (or no) vectors. (The solver re-orthogonalises every vector it takes into its basis anyway: this
+    only has to be good enough for the warm-start test.) Unlike LAPACK's Householder QR this works for any ``n · w``
+    (LAPACK's 32-bit workspace sizes fail beyond ~2^31 elements: measured on a 98.4M x 57 float32 basis), reads ``W``
+    in one pass per factorisation and needs no memory beyond one chunk of products.
     """
     if w == 0 or not blocks:
         return 0
@@ -262,43 +275,45 @@ def _orthonormalise_(blocks: list[Tensor], w: int) -> int:
     eps = torch.finfo(dtype).eps
     r = w
     for sweep in range(2):
-        G = _inner64(blocks[0][:, :r], blocks[0][:, :r])
+        G = _inner64(blocks[0][:r].T, blocks[0][:r].T)
         for V in blocks[1:]:
-            G += _inner64(V[:, :r], V[:, :r])
+            G += _inner64(V[:r].T, V[:r].T)
         G = 0.5 * (G + G.T)
         L, info = torch.linalg.cholesky_ex(G)
         top = float(G.diagonal().max())
         if top <= 0 or not math.isfinite(top):
             for V in blocks:
-                V[:, :w] = 0
+                V[:w] = 0
             return 0
         lo = float(L.diagonal().min()) ** 2 if int(info) == 0 else 0.0
         if sweep == 0 and lo <= math.sqrt(eps) * top:
-            # (nearly) dependent columns: keep the well-determined directions of the span, then re-orthonormalise
+            # (nearly) dependent vectors: keep the well-determined directions of the span, then re-orthonormalise
             evals, evecs = torch.linalg.eigh(G)
             keep = evals > math.sqrt(eps) * float(evals[-1])
             Z = (evecs[:, keep] / evals[keep].sqrt()).flip(1)
             for V in blocks:
-                _rows_matmul_(V, 0, r, Z.to(dtype))
+                _combine_(V, 0, r, Z.to(dtype), zero_rest=True)
             r = Z.shape[1]
             continue
         Rinv = torch.linalg.solve_triangular(L.T, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=True)
         for V in blocks:
-            _rows_matmul_(V, 0, r, Rinv.to(dtype))
+            _combine_(V, 0, r, Rinv.to(dtype))
     return r
 
 
-def _rows_matmul_(V: Tensor, lo: int, hi: int, Z: Tensor) -> None:
-    """``V[:, lo:lo + m] = V[:, lo:hi] @ Z`` in place, row chunk by row chunk (no ``N x (hi - lo)`` temporary).
+def _combine_(V: Tensor, lo: int, hi: int, Z: Tensor, zero_rest: bool = False) -> None:
+    """``V[lo:lo + m] = Z.T @ V[lo:hi]`` in place (vectors are rows of ``V``), chunk by chunk of entries.
 
-    ``Z`` has shape ``(hi - lo, m)`` with ``m <= hi - lo``; columns ``lo + m:hi`` are zeroed.
+    No ``(hi - lo) x n`` temporary: one chunk of :data:`_COMBINE_CHUNK` entries of the ``m`` new vectors at a time.
+    ``Z`` has shape ``(hi - lo, m)`` with ``m <= hi - lo``; with ``zero_rest`` vectors ``lo + m:hi`` are zeroed.
     """
     m = Z.shape[1]
-    for r0 in range(0, V.shape[0], _ROW_CHUNK):
-        rows = V[r0 : r0 + _ROW_CHUNK]
-        rows[:, lo : lo + m] = rows[:, lo:hi] @ Z
-        if m < hi - lo:
-            rows[:, lo + m : hi] = 0
+    Zt = Z.T.contiguous()
+    for c0 in range(0, V.shape[1], _COMBINE_CHUNK):
+        cols = V[:, c0 : c0 + _COMBINE_CHUNK]
+        cols[lo : lo + m] = Zt @ cols[lo:hi]
+    if zero_rest and m < hi - lo:
+        V[lo + m : hi] = 0
 
 
 def _block_chunk(n: int) -> int:
@@ -526,11 +541,11 @@ class _Lanczos:
             warm_start = _orthonormal_columns(warm_start, self.dtype)
         w = warm_start.shape[1]
         for (r0, r1), V in zip(basis.bounds, basis.blocks, strict=True):
-            V[:, :w] = warm_start[r0:r1]
+            V[:w] = warm_start[r0:r1].T
         r = _orthonormalise_(basis.blocks, w)
         if r == 0:  # nothing to start from (e.g. a zero warm start): a random vector
             return self._random_block(1)
-        v0 = torch.cat([V[:, :r].sum(dim=1, keepdim=True) for V in basis.blocks])
+        v0 = torch.cat([V[:r].sum(dim=0) for V in basis.blocks])[:, None]
         v0 /= v0.norm()
         hv0 = self._apply(v0)
         self.hvps += 1
@@ -541,15 +556,11 @@ class _Lanczos:
         del rem
         if rho <= _BLOCK_WARM_FACTOR * self.tol:
             self.npend = self._admit(lambda i: basis.columns(i, i + 1), r)  # in place: column i moves to size <= i
-            for V in basis.blocks:
-                V[:, self.npend : r] = 0
             return None
         # v0 (its product is paid for) and, for a block, the leading previous vectors
         b = self.block_size
         start = v0 if b == 1 else torch.cat([v0, basis.columns(0, min(r, b - 1))], dim=1)
         self.cached = (v0, hv0)
-        for V in basis.blocks:
-            V[:, :r] = 0
         return start
 
     # ------------------------------------------------------------------------------------------------ main loop
@@ -684,7 +695,7 @@ class _Lanczos:
             from lightning_curvprobe.functional.hvp import NonFiniteProbeError
 
             raise NonFiniteProbeError("the eigensolver met a non-finite Hessian-vector product.")
-        coef[:, lo : lo + W.shape[1]] = basis.project_out_(W, nb, wnorms).to(self.small)
+        coef[:, lo : lo + W.shape[1]] = self._local_step(W, lo) + basis.project_out_(W, nb).to(self.small)
         # orthonormalise the remainders (already orthogonal to the basis) among themselves
         for i in range(W.shape[1]):
             x, wnorm = W[:, i : i + 1], float(wnorms[i])
@@ -700,6 +711,26 @@ class _Lanczos:
                 r += 1
             # else: breakdown, H q lies in the span of the basis (an invariant subspace)
         return r
+
+    def _local_step(self, W: Tensor, lo: int) -> Tensor:
+        """Subtract from ``W`` its known large components; returns them as coefficients on the basis (``(nb, m)``).
+
+        The products ``W = H P`` of pending vectors ``P`` (the step's columns ``lo:``) have components ``C[p]`` along
+        the done vectors (the Krylov relation: nonzero on the last block only, or on the kept Ritz vectors after a
+        restart) and ``Pᵀ H P`` along ``P`` itself (one inner product with ``P``). What is left is the next Lanczos
+        vector, and the full Gram-Schmidt pass after this removes only rounding-sized components: its DGKS test then
+        keeps the norm, so a second pass over the basis is rarely needed (it used to run at most steps, since the
+        remainder ``β`` of a converging Lanczos step is much smaller than the product).
+        """
+        nd, m, basis = self.nd, W.shape[1], self.basis
+        local = self._zeros(basis.size, m)
+        local[nd + lo : nd + lo + m] = basis.inner(nd + lo, nd + lo + m, W).to(self.small)
+        rows = self.C[lo : lo + m]
+        nz = rows.abs().amax(dim=0).nonzero()
+        c0 = int(nz[0]) if len(nz) else nd
+        local[c0:nd] = rows[:, c0:nd].T
+        basis.sub_(c0, nd + lo + m, W, local[c0 : nd + lo + m].to(W.dtype))
+        return local
 
     # ------------------------------------------------------------------------------------------------ restart
 

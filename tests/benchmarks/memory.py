@@ -15,8 +15,10 @@ Every measurement runs in its own subprocess (``python memory.py --child ...``),
   ``--warm-noise`` (relative Gaussian noise), as after some training steps.
 
 It reports the peak in MiB, the excess over the footprint in MiB and as a multiple of ``N · 4`` bytes (N float32
-numbers), to compare with the bound ``(max_basis + a small constant) · N``; the time and HVPs of the refresh; and the
-size of the callback's checkpoint state with ``save_subspace=True`` (the ``N × (D + p)`` basis) and ``False``.
+numbers), to compare with the bound ``(max_basis + a small constant) · N``; the time and HVPs of the refresh; the time
+split of each refresh: the eigensolver's products, its own work outside them (orthogonalisation, Rayleigh-Ritz,
+restarts, Ritz vectors) as a share of the refresh, and the rest; and the size of the callback's checkpoint state
+with ``save_subspace=True`` (the ``N × (D + p)`` basis) and ``False``.
 
 A script, not a test::
 
@@ -97,9 +99,21 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     fn = ModelFunction(model, _models.lm_loss)
     op = HessianOperator(fn, base, where="the base samples")
     gen = torch.Generator().manual_seed(0)
+    product_seconds = 0.0
+
+    def timed_matvec(v: Any) -> Any:  # the eigensolver's products, timed (the rest of its time is its own work)
+        nonlocal product_seconds
+        t = time.perf_counter()
+        out = op.matvec(v)
+        product_seconds += time.perf_counter() - t
+        return out
+
+    t_eig = time.perf_counter()
     eig = top_eigenpairs(
-        op.matvec, n, args.D, tol=1e-3, max_basis=args.max_basis, warm_start=warm, generator=gen, dtype=fn.dtype
+        timed_matvec, n, args.D, tol=1e-3, max_basis=args.max_basis, warm_start=warm, generator=gen, dtype=fn.dtype
     )
+    out["eig_seconds"] = time.perf_counter() - t_eig
+    out["product_seconds"] = product_seconds
     qe_z = _gaussian_draws(8, args.D, 1e-3, gen, eig.eigenvectors)
     stats = _collect_statistics(
         fn, base, added, eig.eigenvectors, eig.eigenvalues, base_loss=op.loss, base_grad=op.gradient, qe_z=qe_z
@@ -243,6 +257,22 @@ def main() -> None:
         width = r0.get("warm_width", 0)
         own = "—" if oper is None or "hvps" not in r0 else f"{(stats['peak_mib'] - oper) / nf - width:.1f}"
         print(f"| {key} | {stats['peak_mib']:.0f} | {cols[0]} | {cols[1]} | {own} | {stats['seconds']:.1f} | {hv} |")
+    print("\nTime split of a refresh (medians over the fresh processes): the eigensolver's products (HVPs), its own "
+          "work outside them (orthogonalisation, Rayleigh-Ritz, restarts, Ritz vectors), and the rest of the refresh "
+          "(gradient graph, added samples' statistics, quadratic-error draws, estimate).\n")
+    print("| refresh | time (s) | eigensolver (s) | in products (s) | solver's own work (s) | own work / refresh | "
+          "per product (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for key, runs in results.items():
+        if "eig_seconds" not in runs[0]:
+            continue
+        refresh = statistics.median(x["seconds"] for x in runs)
+        eig_s = statistics.median(x["eig_seconds"] for x in runs)
+        prod = statistics.median(x["product_seconds"] for x in runs)
+        own = statistics.median(x["eig_seconds"] - x["product_seconds"] for x in runs)
+        share = statistics.median((x["eig_seconds"] - x["product_seconds"]) / x["seconds"] for x in runs)
+        print(f"| {key} | {refresh:.1f} | {eig_s:.1f} | {prod:.1f} | {own:.2f} | {share:.1%} | "
+              f"{1e3 * own / runs[0]['hvps']:.1f} |")
     r0 = results["refresh cold"][0]
     print(f"\nprocess RSS after imports {r0['rss_after_import_mib']:.0f} MiB, after building model + data "
           f"{r0['rss_model_mib']:.0f} MiB; bound (max_basis + c)·N with max_basis = {cap}: excess / (N·4 B) above "
