@@ -72,7 +72,8 @@ def main() -> None:
     # The callback: top-10 Hessian eigenspace of the loss on 64 fixed training samples, refreshed (warm-started)
     # at every validation epoch; Δ₂^(D) averaged over 8 candidate added samples, probed at σ = 1e-2.
     probe = CurvatureStabilityCallback(num_eigenvectors=10, sigma=1e-2, num_probe_samples=64, num_added_samples=8)
-    # Stop once the landscape has stopped stabilising further: no new minimum of Δ₂^(D) for 5 validation epochs.
+    # Stop after 5 validation epochs without a new minimum of Δ₂^(D). This shows the mechanism; the stopping study
+    # (examples/stopping_study/report.md) finds val_loss the better gate where a validation set exists.
     stop = EarlyStopping(monitor="curvprobe/delta2", mode="min", patience=5)
     logger = TensorBoardLogger(args.out, name="quickstart")
     trainer = L.Trainer(
