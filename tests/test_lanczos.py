@@ -585,50 +585,6 @@ def test_block_steps_cold_and_moved_warm_start(model_hessian, k, b):
     check_pairs(H2, warm, k, tol, eig=(e2.flip(0), Q2.flip(1)))
 
 
-def test_block_remainders_at_once_equal_one_at_a_time(model_hessian, monkeypatch):
-    """A block step's remainders orthonormalised as one block (Cholesky QR twice) or one vector at a time (Gram-Schmidt
-    twice): the same products and restarts, pairs to rounding; a rank-deficient block falls back to the loop."""
-    from lightning_curvprobe.functional import lanczos
-
-    _, _, H, eig = model_hessian
-    n, k, tol = H.shape[0], 5, 1e-10
-    prev = top_eigenpairs(Counter(H), n, k, tol=tol).basis
-    H2 = _perturbed(H, 1e-2)
-    used = []
-    block = lanczos._Lanczos._remainder_block
-
-    def counted(self, *args):
-        used.append(block(self, *args))
-        return used[-1]
-
-    runs = {}
-    for at_once in (False, True):
-        monkeypatch.setattr(lanczos._Lanczos, "_remainder_block", counted if at_once else lambda self, *a: False)
-        runs[at_once] = [top_eigenpairs(Counter(H), n, k, tol=tol, block_size=4, max_basis=30),
-                         top_eigenpairs(Counter(H2), n, k, tol=tol, block_size=6, warm_start=prev)]
-    assert sum(used) > 10
-    for loop, blk in zip(runs[False], runs[True], strict=True):
-        assert blk.converged and (blk.hvps, blk.restarts) == (loop.hvps, loop.restarts)
-        torch.testing.assert_close(blk.eigenvalues, loop.eigenvalues, rtol=0, atol=1e-12)
-        torch.testing.assert_close(blk.eigenvectors, loop.eigenvectors, rtol=0, atol=1e-9)
-    check_pairs(H, runs[True][0], k, tol, eig=eig)
-    # a block with a dependent column (the third = the first two combined) is not taken at once
-    basis = lanczos._Basis(n, 8, DT, torch.device("cpu"))
-    solver = lanczos._Lanczos(lambda v: v, n, 2, 3, tol=tol, cap=8, block_size=3, max_hvps=10, generator=gen(0),
-                              dtype=DT, op_device=torch.device("cpu"), device=torch.device("cpu"))
-    solver.basis = basis
-    W = torch.randn(n, 3, generator=gen(1), dtype=DT)
-    W[:, 2] = W[:, 0] - 2 * W[:, 1]
-    assert not solver._remainder_block(W, W.norm(dim=0), 0, 0, torch.zeros(3, 3, dtype=DT))
-    W[:, 2] += torch.randn(n, generator=gen(2), dtype=DT)
-    Rcoef = torch.zeros(3, 3, dtype=DT)
-    assert solver._remainder_block(W, W.norm(dim=0), 0, 0, Rcoef)
-    Q = basis.columns(0, 3)
-    torch.testing.assert_close(Q.T @ Q, torch.eye(3, dtype=DT), rtol=0, atol=1e-14)
-    torch.testing.assert_close(Q @ Rcoef, W, rtol=0, atol=1e-12)  # W = Q R, R upper triangular
-    assert torch.equal(Rcoef, Rcoef.triu())
-
-
 def test_orthonormal_columns_ill_conditioned_float32():
     from lightning_curvprobe.functional import lanczos
 

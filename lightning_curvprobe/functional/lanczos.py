@@ -138,11 +138,6 @@ class _Basis:
         for (r0, r1), V in zip(self.bounds, self.blocks, strict=True):
             torch.div(x[r0:r1, 0], scale, out=V[j])
 
-    def set_columns(self, j: int, X: Tensor) -> None:
-        """Vectors ``j:j + m`` = the columns of ``X`` (shape ``(n, m)``)."""
-        for (r0, r1), V in zip(self.bounds, self.blocks, strict=True):
-            V[j : j + X.shape[1]] = X[r0:r1].T
-
     def inner(self, lo: int, hi: int, X: Tensor) -> Tensor:
         """``V[:, lo:hi].T @ X`` (``X``: ``(n, m)``); float32 sums over row chunks in float64 (:func:`_inner64`)."""
         if len(self.blocks) == 1 and (self.n <= _ROW_CHUNK or X.dtype == torch.float64):
@@ -720,10 +715,7 @@ class _Lanczos:
 
             raise NonFiniteProbeError("the eigensolver met a non-finite Hessian-vector product.")
         coef[:, lo : lo + W.shape[1]] = self._local_step(W, lo) + basis.project_out_(W, nb).to(self.small)
-        # orthonormalise the remainders (already orthogonal to the basis) among themselves: a block at once when it is
-        # well conditioned, else (or for single vectors) one at a time, dropping those that break down
-        if r == 0 and W.shape[1] > 1 and self._remainder_block(W, wnorms, nb, lo, Rcoef):
-            return W.shape[1]
+        # orthonormalise the remainders (already orthogonal to the basis) among themselves
         for i in range(W.shape[1]):
             x, wnorm = W[:, i : i + 1], float(wnorms[i])
             for _ in range(2):
@@ -738,34 +730,6 @@ class _Lanczos:
                 r += 1
             # else: breakdown, H q lies in the span of the basis (an invariant subspace)
         return r
-
-    def _remainder_block(self, W: Tensor, wnorms: Tensor, nb: int, lo: int, Rcoef: Tensor) -> bool:
-        """Orthonormalise the remainders ``W`` among themselves as one block (Cholesky QR twice) and append them.
-
-        Done only when every remainder keeps its place (no breakdown: each Cholesky pivot, the norm of a remainder
-        orthogonalised against the ones before it, above the single-vector rule's threshold) and the block is well
-        conditioned (smallest pivot² above ``sqrt(eps)`` of the largest squared norm); returns False otherwise, without
-        touching ``W``. One Gram matrix and one matrix product per pass instead of a pass per pair of remainders.
-        """
-        m = W.shape[1]
-        if nb + m > self.cap:
-            return False
-        eye = torch.eye(m, dtype=self.small, device=self.device)
-        R, X = eye, W
-        for sweep in range(2):
-            G = _inner64(X, X)
-            L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
-            if sweep == 0:
-                pivots = L.diagonal()
-                limit = max(100.0, 10.0 * nb) * self.eps * wnorms.to(self.small)
-                ok = int(info) == 0 and bool((pivots > limit).all())
-                if not ok or float(pivots.min()) ** 2 <= math.sqrt(self.eps) * float(G.diagonal().max()):
-                    return False
-            X = X @ torch.linalg.solve_triangular(L.T, eye, upper=True).to(X.dtype)
-            R = L.T @ R
-        self.basis.set_columns(nb, X)
-        Rcoef[:m, lo : lo + m] = R
-        return True
 
     def _local_step(self, W: Tensor, lo: int) -> Tensor:
         """Subtract from ``W`` its known large components; returns them as coefficients on the basis (``(nb, m)``).
