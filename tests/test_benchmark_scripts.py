@@ -28,6 +28,7 @@ SCRIPTS = {
     "memory": ["memory.py", "--quick"],
     "refresh_sequence": ["refresh_sequence.py", "--quick"],
     "reorthogonalisation": ["reorthogonalisation.py", "--quick"],
+    "top_set": ["top_set.py", "--quick"],
 }
 TIMEOUT_S = 120
 
@@ -98,17 +99,28 @@ def test_memory_quick(script_runs):
 
 def test_refresh_sequence_quick(script_runs):
     text = _check(script_runs, "refresh_sequence", "| warm, b=1 (callback default) |", "| cold, b=13 |",
-                  "| warm as a block, b=13 |", "One training step")
-    rows = {}
+                  "| warm as a block, b=1 |", "=== transformer", "Warm against cold", "One training step")
+    rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 7 and cells[1].isdigit():
-            rows[cells[0]] = (int(cells[1]), int(cells[3]))  # HVPs, product calls
-    assert len(rows) == 8, text[-3000:]
-    for label, (hvps, calls) in rows.items():
+        if line.startswith("| ") and len(cells) == 8 and cells[1].isdigit():
+            rows.append((cells[0], int(cells[1]), int(cells[3]), float(cells[7])))
+    assert len(rows) == 11, text[-3000:]  # 7 quickstart and 4 transformer configurations
+    for label, hvps, calls, worst in rows:
         # plain Lanczos multiplies one vector per call; blocks (and a warm start taken as a block) several
         one_at_a_time = label in ("warm, b=1 (callback default)", "cold, b=1")
         assert calls == hvps if one_at_a_time else calls < hvps, (label, hvps, calls)
+        assert worst <= 1.0, (label, worst)  # every returned pair within its residual bound
+
+
+def test_top_set_quick(script_runs):
+    text = _check(script_runs, "top_set", "| this solver (defaults) |", "| ARPACK eigsh, tol=1e-3 |", "(before)")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if len(r) == 8 and r[1].isdigit()]
+    assert len(rows) == 6, text[-3000:]  # two models, three methods
+    for model, _, method, _, missed, _, err, _ in rows:
+        if method == "this solver (defaults)":
+            assert missed == "0" and float(err) <= 1e-2, (model, missed, err)
 
 
 def test_reorthogonalisation_quick(script_runs):
