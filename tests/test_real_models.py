@@ -51,6 +51,7 @@ from _real_models import (
     tied_case,
 )
 from lightning.pytorch.loggers import CSVLogger
+from test_callback import _restore_global_torch_state  # noqa: F401 - the same autouse fixture
 from torch.nn.utils import parametrize
 
 from lightning_curvprobe import CurvatureStabilityCallback
@@ -88,17 +89,6 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_torch_state():
-    """``Trainer(deterministic=True)`` flips process-wide switches: put them back for the other tests."""
-    det = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    rng = torch.get_rng_state()
-    yield
-    torch.use_deterministic_algorithms(det, warn_only=warn_only)
-    torch.set_rng_state(rng)
 
 
 def make_probe(case: Case, **kwargs: Any) -> CurvatureStabilityCallback:
