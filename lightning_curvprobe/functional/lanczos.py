@@ -65,6 +65,7 @@ from torch import Tensor
 from lightning_curvprobe._checks import _check_int, _check_positive_float
 
 MatVec = Callable[[Tensor], Tensor]
+Reduce = Callable[[Tensor], "Tensor | None"]
 
 _ROW_CHUNK = 1 << 16
 _BLOCK_ELEMENTS = 1 << 24  # a block step multiplies at most max(1, this // n) vectors at a time (its N x b memory)
@@ -81,6 +82,7 @@ _BASIS_BLOCKS = 16  # the basis is held in up to this many row blocks (see _Basi
 _DGKS = 1 / math.sqrt(2)
 _ALWAYS_TWICE = False  # True: the second pass every time (the benchmarks compare both)
 _RITZ_EVERY_STEP = False  # True: the Ritz pairs at every step, also where no decision needs them (tests compare)
+_RANK_PARTS = 256  # sharded: sub-ranges per round when the processes find their order from their row ranges
 
 
 @dataclass
@@ -125,13 +127,18 @@ class _Basis:
     plus the whole result. Vectors ``size:`` are unused (uninitialised; their contents are never read).
     """
 
-    def __init__(self, n: int, cap: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, n: int, cap: int, dtype: torch.dtype, device: torch.device, reduce: Reduce | None = None
+    ) -> None:
         rows = _ROW_CHUNK * max(1, math.ceil(math.ceil(n / _BASIS_BLOCKS) / _ROW_CHUNK))
         self.n = n
         self.bounds = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
         # never read beyond `size`: left uninitialised (a zero fill was a pass over the whole basis, ~1 s at n = 1e7)
         self.blocks = [torch.empty(cap, r1 - r0, dtype=dtype, device=device) for r0, r1 in self.bounds]
         self.size = 0
+        # sharded (rows of a distributed space): sums over rows are this process's share, then `reduce`d
+        self.reduce = reduce
+        self.last_norms: Tensor | None = None  # sharded: column norms after project_out_'s last pass, if it took them
 
     def columns(self, lo: int, hi: int) -> Tensor:
         """A new ``n x (hi - lo)`` tensor holding vectors ``lo:hi`` (strides ``(1, n)``: each vector contiguous)."""
@@ -148,13 +155,44 @@ class _Basis:
             V[j : j + X.shape[1]] = X[r0:r1].T
 
     def inner(self, lo: int, hi: int, X: Tensor) -> Tensor:
-        """``V[:, lo:hi].T @ X`` (``X``: ``(n, m)``); float32 sums over row chunks in float64 (:func:`_inner64`)."""
+        """``V[:, lo:hi].T @ X`` (``X``: ``(n, m)``); float32 sums over row chunks in float64 (:func:`_inner64`).
+
+        Sharded: the shares of every process summed by one reduction (float64 before the final rounding).
+        """
+        if self.reduce is not None:
+            return _reduced(self.reduce, self._share(lo, hi, X)).to(X.dtype)
         if len(self.blocks) == 1 and (self.n <= _ROW_CHUNK or X.dtype == torch.float64):
             return self.blocks[0][lo:hi] @ X
         out = torch.zeros(hi - lo, X.shape[1], dtype=torch.float64, device=X.device)
         for (r0, r1), V in zip(self.bounds, self.blocks, strict=True):
             out += _inner64(V[lo:hi].T, X[r0:r1])
         return out.to(X.dtype)
+
+    def _share(self, lo: int, hi: int, X: Tensor) -> Tensor:
+        """This process's rows' share of ``V[:, lo:hi].T @ X``, summed in float64."""
+        out = torch.zeros(hi - lo, X.shape[1], dtype=torch.float64, device=X.device)
+        for (r0, r1), V in zip(self.bounds, self.blocks, strict=True):
+            out += _inner64(V[lo:hi].T, X[r0:r1])
+        return out
+
+    def norms(self, X: Tensor) -> Tensor:
+        """The norms of ``X``'s columns (sharded: in float64, from one reduction of the squared norms' shares)."""
+        if self.reduce is None:
+            return X.norm(dim=0)
+        return _reduced(self.reduce, _sqnorms64(X)).sqrt()
+
+    def norm(self, x: Tensor) -> float:
+        """The norm of a single vector ``x`` (shape ``(n, 1)``)."""
+        if self.reduce is None:
+            return float(x.norm())
+        return float(self.norms(x).norm())
+
+    def inner_norms(self, lo: int, hi: int, X: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`inner` and :meth:`norms` of ``X`` together (sharded: one reduction for both)."""
+        if self.reduce is None:
+            return self.inner(lo, hi, X), X.norm(dim=0)
+        both = _reduced(self.reduce, torch.cat([self._share(lo, hi, X), _sqnorms64(X)[None]]))
+        return both[:-1].to(X.dtype), both[-1].sqrt()
 
     def sub_(self, lo: int, hi: int, X: Tensor, coef: Tensor) -> None:
         """``X -= V[:, lo:hi] @ coef`` in place."""
@@ -172,11 +210,19 @@ class _Basis:
         products (to one in float32, where rounding can move a convergence test by a step) and residuals, and
         orthogonality still at float32 rounding.
         """
-        before = None if _ALWAYS_TWICE else X.norm(dim=0) if norms is None else norms
-        coef = self.inner(0, count, X)
+        self.last_norms = None
+        if _ALWAYS_TWICE:
+            before, coef = None, self.inner(0, count, X)
+        elif norms is None:
+            coef, before = self.inner_norms(0, count, X)
+        else:
+            before, coef = norms, self.inner(0, count, X)
         self.sub_(0, count, X, coef)
-        if before is not None and bool((X.norm(dim=0) >= _DGKS * before).all()):
-            return coef
+        if before is not None:
+            after = self.norms(X)
+            if bool((after >= _DGKS * before).all()):
+                self.last_norms = after
+                return coef
         coef2 = self.inner(0, count, X)
         self.sub_(0, count, X, coef2)
         return coef + coef2
@@ -213,6 +259,71 @@ class _Basis:
             out[:, r0:r1] = shares[i]
             shares[i] = shares[i].new_empty(0, 0)
         return out.T
+
+
+def _reduced(reduce: Reduce, t: Tensor) -> Tensor:
+    """``t`` summed over the processes by ``reduce`` (in place, or returning the sum)."""
+    t = t.contiguous()
+    out = reduce(t)
+    return t if out is None else out
+
+
+def _sqnorms64(X: Tensor) -> Tensor:
+    """The squared norms of ``X``'s columns, summed in float64 over row chunks (this process's share when sharded)."""
+    out = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    for r0 in range(0, X.shape[0], _ROW_CHUNK):
+        c = X[r0 : r0 + _ROW_CHUNK].to(torch.float64)
+        out += (c * c).sum(dim=0)
+    return out
+
+
+def _shard_layout(lo: int, hi: int, n: int, reduce: Reduce, device: torch.device) -> tuple[int, int]:
+    """This process's place among the processes sharing the rows of ``range(n)`` and their number: ``(slot, world)``.
+
+    Collective. The processes are ordered by their first row ``lo`` (their rank order, as their ranges partition
+    ``range(n)`` in rank order), found with sum reductions only: each round counts the processes' ``lo`` in up to
+    :data:`_RANK_PARTS` sub-ranges of every range still holding two or more of them (a few rounds of small tensors).
+    The ranges are then checked to partition ``range(n)`` (ValueError on every process otherwise).
+    """
+
+    def summed(values: list[float]) -> list[float]:
+        return _reduced(reduce, torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+    world = int(summed([1.0])[0])
+    slot = 0
+    pending = [(0, n, 0)]  # (start, width, processes with lo below start): ranges holding two or more lo
+    while pending:
+        layout = []  # (start, end, step, parts, below) per pending range
+        for start, width, below in pending:
+            step = -(-width // min(_RANK_PARTS, width))
+            layout.append((start, start + width, step, -(-width // step), below))
+        counts = [0.0] * sum(parts for _, _, _, parts, _ in layout)
+        offset = 0
+        for start, end, step, parts, _ in layout:
+            if start <= lo < end:
+                counts[offset + (lo - start) // step] = 1.0
+            offset += parts
+        counts = summed(counts)
+        pending, offset = [], 0
+        for start, end, step, parts, below in layout:
+            for i in range(parts):
+                c, s0 = int(counts[offset + i]), start + i * step
+                width = min(step, end - s0)
+                if c == 1 and s0 <= lo < s0 + width:
+                    slot = below
+                elif c > 1:
+                    if width == 1:
+                        raise ValueError(f"`rows` of two processes start at the same row {s0}.")
+                    pending.append((s0, width, below))
+                below += c
+            offset += parts
+    bounds = [0.0] * (2 * world)
+    bounds[2 * slot : 2 * slot + 2] = [float(lo), float(hi)]
+    b = [int(v) for v in summed(bounds)]
+    if b[0] != 0 or b[-1] != n or any(b[2 * i + 1] != b[2 * i + 2] for i in range(world - 1)):
+        ranges = [(b[2 * i], b[2 * i + 1]) for i in range(world)]
+        raise ValueError(f"`rows` of the processes must partition range({n}) in rank order, got {ranges}.")
+    return slot, world
 
 
 def _inner(A: Tensor, X: Tensor) -> Tensor:
@@ -261,17 +372,17 @@ def _inner_batched(A: Tensor, X: Tensor) -> Tensor:
     return out
 
 
-def _orthonormal_columns(W: Tensor, dtype: torch.dtype) -> Tensor:
+def _orthonormal_columns(W: Tensor, dtype: torch.dtype, reduce: Reduce | None = None) -> Tensor:
     """An orthonormal basis of the span of ``W`` (``n x w``), as a new ``n x r`` tensor on ``W``'s device (``r <= w``).
 
-    See :func:`_orthonormalise_`, which this runs on a copy of ``W``.
+    See :func:`_orthonormalise_`, which this runs on a copy of ``W`` (sharded: this process's rows of it).
     """
     Q = W.T.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)  # (w, n): each vector contiguous
-    r = _orthonormalise_([Q], Q.shape[0])
+    r = _orthonormalise_([Q], Q.shape[0], reduce)
     return Q.T if r == Q.shape[0] else Q[:r].clone().T
 
 
-def _orthonormalise_(blocks: list[Tensor], w: int) -> int:
+def _orthonormalise_(blocks: list[Tensor], w: int, reduce: Reduce | None = None) -> int:
     """Orthonormalise the first ``w`` vectors of a basis stored as :class:`_Basis` blocks, in place; returns the rank.
 
     ``blocks[i][j]`` holds entries ``bounds[i]`` of vector ``j``. On return vectors ``:r`` are an orthonormal basis of
@@ -285,7 +396,9 @@ def _orthonormalise_(blocks: list[Tensor], w: int) -> int:
     thus gives fewer (or no) vectors. (The solver re-orthogonalises every vector it takes into its basis anyway: this
     only has to be good enough for the warm-start test.) Unlike LAPACK's Householder QR this works for any ``n · w``
     (LAPACK's 32-bit workspace sizes fail beyond ~2^31 elements: measured on a 98.4M x 57 float32 basis), reads ``W``
-    in one pass per factorisation and needs no memory beyond one chunk of products.
+    in one pass per factorisation and needs no memory beyond one chunk of products. Sharded (``reduce`` given, the
+    blocks holding this process's rows), each Gram matrix is this process's share summed over the processes by one
+    reduction, so that every process takes the same decisions.
     """
     if w == 0 or not blocks:
         return 0
@@ -296,6 +409,8 @@ def _orthonormalise_(blocks: list[Tensor], w: int) -> int:
         G = _inner64(blocks[0][:r].T, blocks[0][:r].T)
         for V in blocks[1:]:
             G += _inner64(V[:r].T, V[:r].T)
+        if reduce is not None:
+            G = _reduced(reduce, G)
         G = 0.5 * (G + G.T)
         L, info = torch.linalg.cholesky_ex(G)
         top = float(G.diagonal().max())
@@ -354,12 +469,15 @@ def top_eigenpairs(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     basis_device: torch.device | str | None = None,
+    rows: tuple[int, int] | None = None,
+    reduce_fn: Reduce | None = None,
 ) -> EigenResult:
     r"""The ``k`` algebraically largest eigenpairs of a symmetric operator, from products only.
 
     Args:
-        matvec: applies the operator to a block of shape ``(n, b)`` and returns ``(n, b)``.
-        n: dimension of the operator.
+        matvec: applies the operator to a block of shape ``(n, b)`` and returns ``(n, b)`` (with ``rows``: this
+            process's rows of the block, shape ``(hi - lo, b)``, and of the product; gathering is the caller's).
+        n: dimension of the operator (with ``rows``: still the global dimension).
         k: number of eigenpairs returned.
         tol: a pair is converged when ``‖H u - θ u‖ ≤ tol · |θ|`` (its own Ritz value; at most ``tol · |θ_1|``, at
             least ``0.01 tol · |θ_1|``).
@@ -386,6 +504,22 @@ def top_eigenpairs(
             of the returned vectors; default ``device``. With a model on a GPU, ``basis_device="cpu"`` keeps the basis
             in CPU memory: each product then moves one block (``n · b`` numbers) to ``device`` and its result back, so
             the GPU holds the model, its gradient graph and one block in and out, never the basis.
+        rows: ``(lo, hi)`` with ``0 <= lo < hi <= n``: this process holds rows ``lo:hi`` of every vector (the basis
+            sharded by rows over processes whose ranges partition ``range(n)`` in rank order, possibly unevenly).
+            ``matvec`` then gets and returns local rows, ``warm_start`` is given as local rows ``(hi - lo, w)``, and the
+            returned ``eigenvectors`` and ``basis`` are local rows. Every process must call collectively, with the same
+            arguments (bar ``rows``, ``warm_start`` and ``matvec``) and the same ``generator`` state. The memory per
+            process is ``max_basis · (hi - lo)`` numbers (the basis) plus a few vectors of ``hi - lo``, and transient
+            vectors of ``n`` for the random start: each random column is drawn over all ``n`` rows, one at a time, and
+            this process keeps its rows, so that the union of the processes' start vectors is the one a single
+            process draws (with ``block_size > 1`` a single process draws its ``(n, b)`` start block row-major, so the
+            sharded start block equals the one of a single process given ``rows=(0, n)``, not the unsharded one).
+        reduce_fn: required with ``rows``: sums a tensor over the processes, in place (returning None) or returning the
+            sum, e.g. ``torch.distributed.all_reduce``; every process must obtain the same values. Every sum over rows
+            (inner products, Gram matrices, norms) is this process's share summed by ``reduce_fn``, so every process
+            takes the same decisions (convergence, restarts, breakdowns, block sizes) and gets the same eigenvalues;
+            the shares of one Gram matrix (with the norms it can carry) go in one call. A few calls of small tensors at
+            the start find the processes' order (for the sign rule) and check that the ranges partition ``range(n)``.
 
     Returns:
         An :class:`EigenResult` with eigenvalues in descending order.
@@ -396,11 +530,23 @@ def top_eigenpairs(
         >>> res = top_eigenpairs(lambda v: A @ v, 50, 3, tol=1e-10)
         >>> res.eigenvalues.round(decimals=8), res.converged
         (tensor([50., 49., 48.], dtype=torch.float64), True)
+
+        Sharded over the processes of a ``torch.distributed`` group (``rank`` holds rows ``lo:hi`` of ``A``'s)::
+
+            def matvec(x):  # local rows in, local rows out
+                parts = [x.new_empty(h - l, x.shape[1]) for l, h in ranges]
+                torch.distributed.all_gather(parts, x.contiguous())
+                return A[lo:hi] @ torch.cat(parts)
+
+            res = top_eigenpairs(matvec, n, 3, rows=(lo, hi), reduce_fn=torch.distributed.all_reduce)
+            # res.eigenvalues: the same on every process; res.eigenvectors: rows lo:hi
     """
     _check_int("n", n, minimum=1)
     _check_int("k", k, minimum=1, maximum=n)
     tol = _check_positive_float("tol", tol)
     _check_int("block_size", block_size, minimum=1)
+    rows = _check_rows(rows, reduce_fn, n)
+    local = n if rows is None else rows[1] - rows[0]
     p = _default_num_extra(k, n) if num_extra is None else _check_int("num_extra", num_extra, minimum=0)
     p = min(p, n - k)
     kt = k + p
@@ -411,8 +557,9 @@ def top_eigenpairs(
     if warm_start is not None:
         if warm_start.dim() == 1:
             warm_start = warm_start[:, None]
-        if warm_start.dim() != 2 or warm_start.shape[0] != n:
-            raise ValueError(f"`warm_start` must have shape ({n}, w), got {tuple(warm_start.shape)}.")
+        if warm_start.dim() != 2 or warm_start.shape[0] != local:
+            where = "" if rows is None else f" (this process's rows {rows[0]}:{rows[1]})"
+            raise ValueError(f"`warm_start` must have shape ({local}, w){where}, got {tuple(warm_start.shape)}.")
     width = min(warm_start.shape[1] if warm_start is not None else block_size, n)
     cap = _basis_capacity(n, kt, width, block_size, max_basis)
     solver = _Lanczos(
@@ -428,9 +575,32 @@ def top_eigenpairs(
         dtype=dtype,
         op_device=op_device,
         device=device,
+        rows=rows,
+        reduce=reduce_fn,
     )
     solver.start(warm_start, width)
     return solver.run()
+
+
+def _check_rows(rows: tuple[int, int] | None, reduce_fn: Reduce | None, n: int) -> tuple[int, int] | None:
+    """``rows`` as ``(lo, hi)`` with ``0 <= lo < hi <= n``, and ``reduce_fn`` given exactly when ``rows`` is."""
+    if rows is None:
+        if reduce_fn is not None:
+            raise ValueError(
+                "`reduce_fn` is only allowed together with `rows` (this process's row range (lo, hi)), got "
+                f"reduce_fn={reduce_fn!r} and rows=None."
+            )
+        return None
+    ok = isinstance(rows, (tuple, list)) and len(rows) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in rows)
+    if not ok or not 0 <= rows[0] < rows[1] <= n:
+        raise ValueError(f"`rows` must be a pair of ints (lo, hi) with 0 <= lo < hi <= n = {n}, got {rows!r}.")
+    if reduce_fn is None or not callable(reduce_fn):
+        raise ValueError(
+            "`reduce_fn` is required with `rows`: a callable summing a tensor over the processes (e.g. "
+            f"torch.distributed.all_reduce), got {reduce_fn!r}."
+        )
+    return int(rows[0]), int(rows[1])
 
 
 def _basis_capacity(n: int, kt: int, width: int, block_size: int, max_basis: int | None) -> int:
@@ -470,13 +640,20 @@ class _Lanczos:
         dtype: torch.dtype,
         op_device: torch.device,
         device: torch.device,
+        rows: tuple[int, int] | None = None,
+        reduce: Reduce | None = None,
     ) -> None:
         self.matvec, self.n, self.k, self.kt, self.tol = matvec, n, k, kt, tol
         self.cap, self.block_size, self.max_hvps, self.generator = cap, block_size, max_hvps, generator
         self.dtype, self.op_device, self.device = dtype, op_device, device
         self.small = torch.float64  # projected matrices are tiny: keep them in float64
         self.eps = torch.finfo(dtype).eps
-        self.basis = _Basis(n, cap, dtype, device)
+        # sharded: this process's rows lo:hi of every vector (n stays the global dimension); its place among the
+        # processes (for the sign rule) is found, and the ranges checked, with a few collective reductions
+        self.rows, self.reduce = rows, reduce
+        self.local = n if rows is None else rows[1] - rows[0]
+        self.shard = None if rows is None or reduce is None else (reduce, *_shard_layout(*rows, n, reduce, device))
+        self.basis = _Basis(self.local, cap, dtype, device, reduce)
         self.hvps = self.restarts = self.nd = self.npend = 0
         self.T = self._zeros(0, 0)
         self.C = self._zeros(0, 0)  # pending x done
@@ -504,12 +681,19 @@ class _Lanczos:
         in place.
         """
         x = x.to(device=self.op_device, copy=not owned)
-        return self.matvec(x).reshape(self.n, x.shape[1]).to(device=self.device, dtype=self.dtype)
+        return self.matvec(x).reshape(self.local, x.shape[1]).to(device=self.device, dtype=self.dtype)
 
     def _random_block(self, b: int) -> Tensor:
         g = self.generator
-        x = torch.randn(self.n, b, generator=g, dtype=torch.float64, device=g.device)
-        return x.to(device=self.device, dtype=self.dtype)
+        if self.rows is None:
+            x = torch.randn(self.n, b, generator=g, dtype=torch.float64, device=g.device)
+            return x.to(device=self.device, dtype=self.dtype)
+        # sharded: each column drawn over all n rows (one transient vector of n), this process's rows kept
+        lo, hi = self.rows
+        out = torch.empty(hi - lo, b, dtype=self.dtype, device=self.device)
+        for j in range(b):
+            out[:, j] = torch.randn(self.n, generator=g, dtype=torch.float64, device=g.device)[lo:hi]
+        return out
 
     def _admit(self, column: Callable[[int], Tensor], count: int) -> int:
         """Orthonormalise ``count`` columns against the basis and append them as pending; returns how many were kept.
@@ -520,10 +704,11 @@ class _Lanczos:
         basis, added = self.basis, 0
         for i in range(count):
             x = column(i)
-            norms = x.norm(dim=0)
+            norms = basis.norms(x)
             basis.project_out_(x, basis.size, norms)
             norm0 = float(norms[0])
-            norm = float(x.norm())
+            norm = float(basis.last_norms[0]) if basis.reduce is not None and basis.last_norms is not None else None
+            norm = basis.norm(x) if norm is None else norm
             if norm0 == 0 or norm <= 1e3 * self.eps * norm0 or basis.size >= self.cap:
                 continue
             basis.set_column(basis.size, x / norm)
@@ -559,21 +744,28 @@ class _Lanczos:
         """
         basis = self.basis
         if warm_start.shape[1] > self.cap:  # only when w > n (then cap = n): its span has at most n dimensions
-            warm_start = _orthonormal_columns(warm_start, self.dtype)
+            warm_start = _orthonormal_columns(warm_start, self.dtype, self.reduce)
         w = warm_start.shape[1]
         for (r0, r1), V in zip(basis.bounds, basis.blocks, strict=True):
             V[:w] = warm_start[r0:r1].T
-        r = _orthonormalise_(basis.blocks, w)
+        r = _orthonormalise_(basis.blocks, w, self.reduce)
         if r == 0:  # nothing to start from (e.g. a zero warm start): a random vector
             return self._random_block(1)
         v0 = torch.cat([V[:r].sum(dim=0) for V in basis.blocks])[:, None]
-        v0 /= v0.norm()
+        if self.reduce is None:
+            v0 /= v0.norm()
+        else:
+            v0 /= basis.norm(v0)
         hv0 = self._apply(v0)
         self.hvps += 1
-        hv0_norm = float(hv0.norm())
         rem = hv0.clone()
-        basis.sub_(0, r, rem, basis.inner(0, r, rem))
-        rho = float(rem.norm()) / max(hv0_norm, torch.finfo(self.dtype).tiny)
+        if basis.reduce is None:
+            coef, hv0_norm = basis.inner(0, r, rem), float(hv0.norm())
+        else:  # one reduction
+            coef, norms = basis.inner_norms(0, r, rem)
+            hv0_norm = float(norms[0])
+        basis.sub_(0, r, rem, coef)
+        rho = basis.norm(rem) / max(hv0_norm, torch.finfo(self.dtype).tiny)
         del rem
         if rho <= _BLOCK_WARM_FACTOR * self.tol:
             # the r vectors are orthonormal already (to float32 rounding, 1.3e-7 at n = 1e7): pending as they are
@@ -701,7 +893,7 @@ class _Lanczos:
             hi = min(b, lo + chunk)
             if self.cached is not None and nd == 0 and lo == 0:
                 # the start vector's product, paid for by the warm-start test, and the rest of the chunk
-                W = self.cached[1] / float(self.cached[0].norm())
+                W = self.cached[1] / self.basis.norm(self.cached[0])
                 if hi - lo > 1:
                     W = torch.cat([W, self._apply(self.basis.columns(nd + 1, nd + hi), owned=True)], dim=1)
                     self.hvps += hi - lo - 1
@@ -718,14 +910,16 @@ class _Lanczos:
 
         Against the ``nb`` basis vectors first, then among the ``r`` remainders already kept; returns the new count.
         """
-        basis, eps = self.basis, self.eps
-        wnorms = W.norm(dim=0)
+        basis, eps, nd = self.basis, self.eps, self.nd
+        # the products' components along themselves (for the local step) and their norms: one reduction when sharded
+        own, wnorms = basis.inner_norms(nd + lo, nd + lo + W.shape[1], W)
         # NaN and inf propagate into the norms: only a non-finite norm (or an overflowing one) needs the full check
-        if not bool(torch.isfinite(wnorms).all()) and not bool(torch.isfinite(W).all()):
+        if not bool(torch.isfinite(wnorms).all()) and not self._all_finite(W):
             from lightning_curvprobe.functional.hvp import NonFiniteProbeError
 
             raise NonFiniteProbeError("the eigensolver met a non-finite Hessian-vector product.")
-        coef[:, lo : lo + W.shape[1]] = self._local_step(W, lo) + basis.project_out_(W, nb).to(self.small)
+        coef[:, lo : lo + W.shape[1]] = self._local_step(W, lo, own) + basis.project_out_(W, nb).to(self.small)
+        last = basis.last_norms if basis.reduce is not None else None  # sharded: W's norms, if the pass took them
         # orthonormalise the remainders (already orthogonal to the basis) among themselves: a block at once when it is
         # well conditioned, else (or for single vectors) one at a time, dropping those that break down
         if r == 0 and W.shape[1] > 1 and self._remainder_block(W, wnorms, nb, lo, Rcoef):
@@ -737,13 +931,20 @@ class _Lanczos:
                     c = basis.inner(nb, nb + r, x)
                     basis.sub_(nb, nb + r, x, c)
                     Rcoef[:r, lo + i] += c[:, 0].to(self.small)
-            norm = float(x.norm())
+            norm = float(last[i]) if last is not None and r == 0 else basis.norm(x)  # x unchanged while r == 0
             if norm > max(100.0, 10.0 * nb) * eps * wnorm and nb + r < self.cap:
                 basis.set_column(nb + r, x, norm)
                 Rcoef[r, lo + i] = norm
                 r += 1
             # else: breakdown, H q lies in the span of the basis (an invariant subspace)
         return r
+
+    def _all_finite(self, W: Tensor) -> bool:
+        """Whether every entry of ``W`` is finite (sharded: on every process)."""
+        if self.reduce is None:
+            return bool(torch.isfinite(W).all())
+        bad = torch.tensor([float((~torch.isfinite(W)).sum())], dtype=torch.float64, device=W.device)
+        return float(_reduced(self.reduce, bad)[0]) == 0
 
     def _remainder_block(self, W: Tensor, wnorms: Tensor, nb: int, lo: int, Rcoef: Tensor) -> bool:
         """Orthonormalise the remainders ``W`` among themselves as one block (Cholesky QR twice) and append them.
@@ -760,6 +961,8 @@ class _Lanczos:
         R, X = eye, W
         for sweep in range(2):
             G = _inner64(X, X)
+            if self.reduce is not None:
+                G = _reduced(self.reduce, G)
             L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
             if sweep == 0:
                 pivots = L.diagonal()
@@ -773,7 +976,7 @@ class _Lanczos:
         Rcoef[:m, lo : lo + m] = R
         return True
 
-    def _local_step(self, W: Tensor, lo: int) -> Tensor:
+    def _local_step(self, W: Tensor, lo: int, own: Tensor) -> Tensor:
         """Subtract from ``W`` its known large components; returns them as coefficients on the basis (``(nb, m)``).
 
         The products ``W = H P`` of pending vectors ``P`` (the step's columns ``lo:``) have components ``C[p]`` along
@@ -781,11 +984,12 @@ class _Lanczos:
         restart) and ``Pᵀ H P`` along ``P`` itself (one inner product with ``P``). What is left is the next Lanczos
         vector, and the full Gram-Schmidt pass after this removes only rounding-sized components: its DGKS test then
         keeps the norm, so a second pass over the basis is rarely needed (it used to run at most steps, since the
-        remainder ``β`` of a converging Lanczos step is much smaller than the product).
+        remainder ``β`` of a converging Lanczos step is much smaller than the product). ``own``: ``Pᵀ W``, computed by
+        the caller.
         """
         nd, m, basis = self.nd, W.shape[1], self.basis
         local = self._zeros(basis.size, m)
-        local[nd + lo : nd + lo + m] = basis.inner(nd + lo, nd + lo + m, W).to(self.small)
+        local[nd + lo : nd + lo + m] = own.to(self.small)
         rows = self.C[lo : lo + m]
         nz = rows.abs().amax(dim=0).nonzero()
         c0 = int(nz[0]) if len(nz) else nd
@@ -818,7 +1022,7 @@ class _Lanczos:
         # the Ritz vectors, stored column by column (each vector contiguous), built while the basis is released;
         # eigenvectors is a view of basis
         vectors = self.basis.ritz_vectors(self.nd, coeffs)
-        _canonical_signs_(vectors)
+        _canonical_signs_(vectors, self.shard)
         kk = min(self.k, self.nd)
         return EigenResult(
             eigenvalues=self.theta[:kk].to(self.dtype),
@@ -831,12 +1035,29 @@ class _Lanczos:
         )
 
 
-def _canonical_signs_(vectors: Tensor) -> None:
-    """Flip each column so that its entry of largest magnitude is positive (in place).
+def _canonical_signs_(vectors: Tensor, shard: tuple[Reduce, int, int] | None = None) -> None:
+    """Flip each column so that its entry of largest magnitude is positive (in place; ties: the lowest index).
 
     An eigenvector is defined up to its sign; fixing it makes the result independent of the path that found it (a
     cold or a warm start, another start vector), so that draws expressed in the eigenbasis (``U z``) are reproducible.
+
+    ``shard = (reduce, slot, world)``: ``vectors`` holds this process's rows, the ``slot``-th of ``world`` row ranges
+    in order. Each process puts its own candidate of every column (its entry of largest magnitude, the first of equal
+    ones) in its slot of a ``(world, k)`` tensor, one reduction sums them, and every process picks the same one: the
+    largest magnitude, ties to the lowest slot (hence to the lowest global row).
     """
+    if shard is not None:
+        reduce, slot, world = shard
+        cand = torch.zeros(world, vectors.shape[1], dtype=torch.float64, device=vectors.device)
+        for j in range(vectors.shape[1]):
+            v = vectors[:, j]
+            if v.numel():
+                cand[slot, j] = v[v.abs().argmax()].to(torch.float64)
+        cand = _reduced(reduce, cand)
+        pick = cand.abs().argmax(dim=0)  # the first of equal magnitudes: the lowest slot
+        for j in (cand.gather(0, pick[None])[0] < 0).nonzero()[:, 0].tolist():
+            vectors[:, j].neg_()
+        return
     for j in range(vectors.shape[1]):  # column by column: no N x k temporary
         v = vectors[:, j]
         if v.numel() and float(v[v.abs().argmax()]) < 0:
