@@ -268,3 +268,30 @@ def test_basis_in_cpu_memory_with_model_on_gpu(small):
     # the operator also accepts blocks on another device and answers there
     v = torch.randn(fn.num_params, 2, dtype=DT)
     torch.testing.assert_close(op.matvec(v), op.matvec(v.cuda()).cpu(), rtol=1e-12, atol=1e-14)
+
+
+def test_sharded_lanczos_quick():
+    """``sharded_lanczos.py --quick`` (run on its own: it starts its own two gloo processes)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "sharded_lanczos.py"), "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert "ranks' eigenvalues bitwise equal: True" in text, text[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if len(r) == 11 and r[1].isdigit()]
+    assert [r[0] for r in rows] == ["1 process (unsharded)"] + ["2 gloo processes (rows=)"] * 2, text[-3000:]
+    one, *two = rows
+    assert all(r[9] == "True" for r in rows) and two[0][6] == two[1][6]  # converged; the ranks' products agree
+    # each rank's basis holds its rows only
+    assert float(two[0][4]) + float(two[1][4]) == pytest.approx(float(one[4]), rel=1e-3)
+    rel = float(text.split("2 processes against 1: ")[1].split()[0])
+    assert rel < 1e-3, text[-3000:]

@@ -46,6 +46,13 @@ orthonormalised there (no other copy of it). Each basis vector is contiguous (se
 held in up to 16 row blocks, so the ``n · (k + p)`` Ritz vectors are built while it is released block by block: the
 peak is the basis plus a sixteenth of the result (the returned ``eigenvectors`` are a view of ``basis``).
 
+Row-sharded (``rows=(lo, hi)``, ``reduce_fn``): each of several processes holds rows ``lo:hi`` of every vector, so
+its basis is ``max_basis · (hi - lo)`` numbers. Every sum over rows (the inner products with the basis, the Gram
+matrices of the orthonormalisations, the norms) is the process's share summed over the processes by ``reduce_fn``:
+one call per inner-product block, with the norms that the same step needs alongside (about three calls per product
+in plain Lanczos), so every process holds the same projected matrices and takes the same decisions. A random start
+column is drawn over all ``n`` rows (one transient vector of ``n``) and each process keeps its rows.
+
 Work outside the products, per step: two passes over the basis (the inner products as one matrix-vector product per
 row block, and the subtraction), a few over the new vector. The inner products of a float32 basis are summed over row
 chunks in float64 (a single float32 product over millions of rows loses ~1e-4 relative accuracy, which at
