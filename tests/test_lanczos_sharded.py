@@ -291,3 +291,55 @@ def test_rows_and_reduce_fn_are_checked():
     # one process claiming half the rows: the ranges do not partition range(n)
     with pytest.raises(ValueError, match=r"partition range\(10\)"):
         top_eigenpairs(mv, 10, 2, rows=(0, 5), reduce_fn=lambda t: None)
+
+
+def test_rows_accept_integer_types():
+    import numpy as np
+
+    A = torch.eye(6, dtype=DT)
+    res = top_eigenpairs(lambda v: A @ v, 6, 2, rows=[np.int64(0), torch.tensor(6)], reduce_fn=lambda t: None)
+    assert res.eigenvectors.shape == (6, 2)
+
+
+def test_random_start_columns_drawn_over_every_row():
+    """The raw start block: with one column the union of the ranks' rows is the unsharded draw, bit for bit; with
+    ``b`` columns each is a draw of ``n`` numbers, in turn."""
+    from lightning_curvprobe.functional.lanczos import _Lanczos
+
+    n, ranges = 50, [(0, 13), (13, 14), (14, 50)]
+
+    def block(rows, b, seed=3):
+        solver = object.__new__(_Lanczos)
+        solver.n, solver.rows, solver.dtype, solver.device = n, rows, DT, torch.device("cpu")
+        solver.generator = torch.Generator().manual_seed(seed)
+        return solver._random_block(b)
+
+    assert torch.equal(torch.cat([block(r, 1) for r in ranges]), block(None, 1))
+    g = torch.Generator().manual_seed(3)
+    expected = torch.stack([torch.randn(n, generator=g, dtype=DT) for _ in range(3)], dim=1)
+    assert torch.equal(torch.cat([block(r, 3) for r in ranges]), expected)
+
+
+def test_non_finite_product_on_one_rank_raises_on_every_rank():
+    from lightning_curvprobe.functional.hvp import NonFiniteProbeError
+
+    n = 60
+    A = _matrix(n, seed=6)
+    ranges = [(0, 25), (25, n)]
+    g = _Threads(2)
+
+    def solve(rank):
+        lo, hi = ranges[rank]
+        calls = [0]
+
+        def matvec(x):
+            calls[0] += 1
+            out = A[lo:hi] @ g.gather(rank)(x)
+            if rank == 1 and calls[0] == 3:
+                out[4, 0] = float("nan")
+            return out
+
+        return top_eigenpairs(matvec, n, 2, rows=(lo, hi), reduce_fn=g.reduce(rank))
+
+    got = g.run(solve)
+    assert all(isinstance(e, NonFiniteProbeError) for e in got), got

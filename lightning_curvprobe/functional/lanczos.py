@@ -63,6 +63,7 @@ chunks; a float64 basis is summed directly.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -98,14 +99,15 @@ class EigenResult:
 
     Attributes:
         eigenvalues: Ritz values, descending, shape ``(k,)``.
-        eigenvectors: orthonormal Ritz vectors, shape ``(N, k)``.
+        eigenvectors: orthonormal Ritz vectors, shape ``(N, k)`` (with ``rows=(lo, hi)``: this process's rows,
+            ``(hi - lo, k)``).
         residuals: ``‖H u - θ u‖`` for each pair, shape ``(k,)``.
         hvps: operator applications (one per vector).
         converged: whether every returned pair met its residual bound ``tol · |θ_i|`` (and the guard pairs ten times
             theirs).
         restarts: number of thick restarts.
-        basis: the returned vectors followed by the converged guard vectors, shape ``(N, k + p)``; pass it as the next
-            solve's ``warm_start``.
+        basis: the returned vectors followed by the converged guard vectors, shape ``(N, k + p)`` (with ``rows``: this
+            process's rows); pass it as the next solve's ``warm_start``.
     """
 
     eigenvalues: Tensor
@@ -598,16 +600,19 @@ def _check_rows(rows: tuple[int, int] | None, reduce_fn: Reduce | None, n: int) 
                 f"reduce_fn={reduce_fn!r} and rows=None."
             )
         return None
-    ok = isinstance(rows, (tuple, list)) and len(rows) == 2
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in rows)
-    if not ok or not 0 <= rows[0] < rows[1] <= n:
+    try:
+        lo, hi = rows
+        lo, hi = (0, 0) if isinstance(lo, bool) or isinstance(hi, bool) else (operator.index(lo), operator.index(hi))
+    except (TypeError, ValueError):  # not a pair of integers
+        lo = hi = 0
+    if not isinstance(rows, (tuple, list)) or not 0 <= lo < hi <= n:
         raise ValueError(f"`rows` must be a pair of ints (lo, hi) with 0 <= lo < hi <= n = {n}, got {rows!r}.")
     if reduce_fn is None or not callable(reduce_fn):
         raise ValueError(
             "`reduce_fn` is required with `rows`: a callable summing a tensor over the processes (e.g. "
             f"torch.distributed.all_reduce), got {reduce_fn!r}."
         )
-    return int(rows[0]), int(rows[1])
+    return lo, hi
 
 
 def _basis_capacity(n: int, kt: int, width: int, block_size: int, max_basis: int | None) -> int:
