@@ -524,7 +524,9 @@ def top_eigenpairs(
             process draws (with ``block_size > 1`` a single process draws its ``(n, b)`` start block row-major, so the
             sharded start block equals the one of a single process given ``rows=(0, n)``, not the unsharded one).
         reduce_fn: required with ``rows``: sums a tensor over the processes, in place (returning None) or returning the
-            sum, e.g. ``torch.distributed.all_reduce``; every process must obtain the same values. Every sum over rows
+            sum, e.g. ``torch.distributed.all_reduce``; every process must obtain the same values. It gets small
+            contiguous float64 tensors on ``basis_device`` (a backend that cannot reduce there, e.g. NCCL with the
+            basis in CPU memory, needs a ``reduce_fn`` that moves them). Every sum over rows
             (inner products, Gram matrices, norms) is this process's share summed by ``reduce_fn``, so every process
             takes the same decisions (convergence, restarts, breakdowns, block sizes) and gets the same eigenvalues;
             the shares of one Gram matrix (with the norms it can carry) go in one call. A few calls of small tensors at
