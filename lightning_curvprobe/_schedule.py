@@ -23,6 +23,9 @@ import math
 import time
 from typing import Any
 
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
 ACTIONS = ("refresh", "reuse", "skip")
 
 
@@ -139,3 +142,17 @@ class ProbeSchedule:
         self.num_probes = int(state.get("num_probes", self.num_probes))
         self.num_skipped = int(state.get("num_skipped", 0))
         self._cost = {k: float(v) for k, v in state.get("cost", {}).items()}
+
+
+def no_validation_reason(trainer: Trainer, pl_module: LightningModule) -> str | None:
+    """Why no validation epoch (hence no probe) will run in this fit, or None."""
+    if not is_overridden("validation_step", pl_module):
+        return f"{type(pl_module).__name__} defines no validation_step"
+    limit = trainer.limit_val_batches
+    if limit == 0:
+        return f"limit_val_batches={limit!r}"
+    max_epochs = trainer.max_epochs
+    every = trainer.check_val_every_n_epoch
+    if every is not None and max_epochs is not None and 0 < max_epochs < every and trainer.max_steps == -1:
+        return f"check_val_every_n_epoch={every} exceeds max_epochs={max_epochs}"
+    return None

@@ -42,7 +42,8 @@ from lightning_curvprobe._probe_data import (
     untouched_rng,
     user_state_kept,
 )
-from lightning_curvprobe._schedule import ProbeSchedule
+from lightning_curvprobe._schedule import ProbeSchedule, no_validation_reason
+from lightning_curvprobe._sharding import RowShards, check_strategy, gather_rows, take_rows
 from lightning_curvprobe._signals import SIGNAL_KEYS, explain
 from lightning_curvprobe.functional._batch import _batch_size, _cast_batch
 from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
@@ -50,6 +51,7 @@ from lightning_curvprobe.functional.hvp import HVP_KINDS, HessianOperator, Model
 from lightning_curvprobe.functional.lanczos import EigenResult, _default_num_extra
 from lightning_curvprobe.functional.preflight import preflight
 from lightning_curvprobe.functional.probe import _eigensolve
+from lightning_curvprobe.functional.sharded import ShardedFunction, is_fully_sharded, sharded_preflight
 from lightning_curvprobe.metric import CurvatureStability
 
 Estimator = Literal["gaussian_moment", "quadratic_mc", "direct_mc"]
@@ -239,6 +241,8 @@ class CurvatureStabilityCallback(Callback):
         # runtime state
         self._generator = torch.Generator().manual_seed(seed)
         self._basis: Tensor | None = None  # (N, D + p) from the last refresh, warm start of the next
+        self._shards: ShardedFunction | RowShards | None = None  # with processes: _basis holds this one's rows
+        self._basis_restored: tuple[Tensor, list[int] | None] | None = None  # all rows, from a checkpoint
         self._eigenvalues: Tensor | None = None
         self._probe_indices: list[int] | None = None
         self._base: Any = None
@@ -264,7 +268,7 @@ class CurvatureStabilityCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _check_strategy(trainer)
+        check_strategy(trainer, self.sigma)
         if self.loss_fn is None and not pl_module.automatic_optimization:
             raise ValueError(
                 "`loss_fn` must be given when the LightningModule uses manual optimization "
@@ -323,7 +327,7 @@ class CurvatureStabilityCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._probes_this_fit = 0
         self._schedule.start()
-        reason = _no_validation_reason(trainer, pl_module)
+        reason = no_validation_reason(trainer, pl_module)
         if reason is not None:
             rank_zero_warn(f"CurvatureStabilityCallback: {reason}, so no probe will run in this fit.")
             self._warned_no_probe = True
@@ -448,21 +452,32 @@ class CurvatureStabilityCallback(Callback):
         reduce_fn = _all_reduce_sum if world > 1 and torch.distributed.is_initialized() else None
         scale = _batch_size(self._base) / self.num_probe_samples
         op = self._call_user(
-            lambda: HessianOperator(fn, self._base, scale=scale, reduce_fn=reduce_fn, where="the base samples"),
+            lambda: (
+                fn.operator(self._base, scale=scale, where="the base samples")
+                if isinstance(fn, ShardedFunction)
+                else HessianOperator(fn, self._base, scale=scale, reduce_fn=reduce_fn, where="the base samples")
+            ),
             "the base samples",
         )
-        if self._basis is not None and self._basis.shape[0] != fn.num_params:
-            self._trainable_set_changed(self._basis.shape[0], fn.num_params)
+        if isinstance(self._shards, RowShards) and self._shards.global_num_params != fn.num_params:
+            self._shards = RowShards(fn.num_params, fn.device)  # the trainable set changed on every process
+        rows = fn.num_params if self._shards is None else self._shards.rows[1] - self._shards.rows[0]
+        if self._basis is not None and self._basis.shape[0] != rows:
+            self._trainable_set_changed(self._basis.shape[0], rows)
             refresh = True
         hvps, overlap = self._refresh(op) if refresh else (0, 1.0)
         assert self._basis is not None and self._eigenvalues is not None
         U = self._basis[:, : self.num_eigenvectors].to(device=fn.device, dtype=fn.dtype)
+        if isinstance(self._shards, RowShards):  # DDP: the measurement takes all rows of the D vectors
+            U = self._shards.gather(U)
         if refresh:
             projected = self._eigenvalues.to(U)  # U^T H_k U = diag(eigenvalues) at these weights
         else:
             # the kept U is no eigenbasis at the current weights: U^T H_k U from D products (one block)
             HU = self._call_user(lambda: op.matvec(U), "the base samples (projected Hessian)")
             projected = U.T @ HU
+            if isinstance(fn, ShardedFunction):  # U holds this process's rows
+                projected = fn.reduce(projected)
             projected = 0.5 * (projected + projected.T)
             self._eigenvalues = torch.linalg.eigvalsh(projected).flip(0)
         if refresh and self.sigma == "auto":
@@ -499,7 +514,7 @@ class CurvatureStabilityCallback(Callback):
             values["delta2_stderr"] = float(details["delta2_stderr"])
         return values
 
-    def _refresh(self, op: HessianOperator) -> tuple[int, float]:
+    def _refresh(self, op: Any) -> tuple[int, float]:
         """A new top-D subspace, warm-started from the kept one; returns the products spent and the overlap."""
         fn = op.fn
         prev = self._basis
@@ -510,8 +525,9 @@ class CurvatureStabilityCallback(Callback):
         else:  # stays where it is kept: the solver moves it one column at a time
             warm = prev.to(dtype=fn.dtype)
         start = time.perf_counter()
+        solve = self._shards.eigensolve if isinstance(self._shards, RowShards) else _eigensolve
         eig = self._call_user(
-            lambda: _eigensolve(
+            lambda: solve(
                 op,
                 self.num_eigenvectors,
                 tol=self.tol,
@@ -531,7 +547,13 @@ class CurvatureStabilityCallback(Callback):
             )
         D = self.num_eigenvectors
         U_prev = None if prev is None else prev[:, :D].to(eig.eigenvectors)
-        overlap = float("nan") if U_prev is None else float((U_prev.T @ eig.eigenvectors).pow(2).sum()) / D
+        if U_prev is None:
+            overlap = float("nan")
+        else:
+            cross = U_prev.T @ eig.eigenvectors
+            if self._shards is not None:  # this process's rows
+                cross = self._shards.reduce(cross.to(fn.device))
+            overlap = float(cross.pow(2).sum()) / D
         self._basis = eig.basis.detach()
         self._eigenvalues = eig.eigenvalues.detach()
         self._num_refreshes += 1
@@ -540,7 +562,7 @@ class CurvatureStabilityCallback(Callback):
     def _measure(
         self,
         pl_module: LightningModule,
-        op: HessianOperator,
+        op: Any,
         U: Tensor,
         projected: Tensor,
         scale: float,
@@ -561,8 +583,8 @@ class CurvatureStabilityCallback(Callback):
                     self._added,
                     U,
                     projected,
-                    base_loss=op.local_loss / scale,
-                    base_grad=op.local_gradient / scale,
+                    base_loss=None if isinstance(op.fn, ShardedFunction) else op.local_loss / scale,
+                    base_grad=None if isinstance(op.fn, ShardedFunction) else op.local_gradient / scale,
                 ),
                 "the added samples",
             )
@@ -662,8 +684,10 @@ class CurvatureStabilityCallback(Callback):
             return self.loss_fn
         return training_step_loss
 
-    def _function(self, pl_module: LightningModule) -> ModelFunction:
-        """The module's loss on flat parameters, with the product kind the pre-flight settled on."""
+    def _function(self, pl_module: LightningModule) -> ModelFunction | ShardedFunction:
+        """The module's loss on flat parameters (on its shards, when sharded), with the pre-flight's product kind."""
+        if is_fully_sharded(pl_module):
+            return ShardedFunction(pl_module, self._loss_fn(pl_module))
         return ModelFunction(pl_module, self._loss_fn(pl_module), hvp=self.hvp)
 
     def _prepare_probe_data(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -678,14 +702,25 @@ class CurvatureStabilityCallback(Callback):
             )
             rank, world = trainer.global_rank, trainer.world_size
             device = pl_module.device
+            sharded = is_fully_sharded(pl_module)
+            # the added samples of a sharded model are taken by all processes together: each one holds all of them
+            own_added = list(range(k, k + m)) if sharded else list(range(k + rank, k + m, world))
             with torch.inference_mode(False):
                 base = _cast_batch(select(batch, list(range(rank, k, world))), device=device)
-                added = _cast_batch(select(batch, list(range(k + rank, k + m, world))), device=device)
+                added = _cast_batch(select(batch, own_added), device=device)
                 base, added = clone(base), clone(added)
             fn = self._function(pl_module)
-            report = self._call_user(
-                lambda: preflight(fn, base, added, seed=self.seed), "the base samples (pre-flight)"
-            )
+            if isinstance(fn, ShardedFunction):
+                report = self._call_user(
+                    lambda: sharded_preflight(fn, base, seed=self.seed), "the base samples (pre-flight)"
+                )
+                self._adopt_rows(fn)
+            else:
+                report = self._call_user(
+                    lambda: preflight(fn, base, added, seed=self.seed), "the base samples (pre-flight)"
+                )
+                if world > 1 and torch.distributed.is_initialized():
+                    self._adopt_rows(RowShards(fn.num_params, fn.device))
         self._base, self._added = base, added
         self.hvp_in_use = report.hvp_kind
         if report.fallback_reason is not None:
@@ -705,12 +740,22 @@ class CurvatureStabilityCallback(Callback):
                 "weighs samples unequally). Return the mean loss over the batch's samples.",
             )
 
+    def _adopt_rows(self, shards: ShardedFunction | RowShards) -> None:
+        """From now on this process holds its rows of the subspace (and keeps them of a restored one)."""
+        self._shards = shards
+        if self._basis_restored is not None:
+            self._basis, self._basis_restored = take_rows(*self._basis_restored, shards), None
+            if self._basis is None:
+                self._eigenvalues = None
+                self._warn_once("layout", "the checkpoint's subspace has another layout of rows; the refresh is cold.")
+
     # ------------------------------------------------------------------ state
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "basis": self._basis.cpu() if (self.save_subspace and self._basis is not None) else None,
+            "basis": self._saved_basis(),
+            "basis_rows": self._shards.row_counts if self._shards is not None else None,
             "eigenvalues": self._eigenvalues.cpu() if self._eigenvalues is not None else None,
             "probe_indices": self._probe_indices,
             "generator_state": self._generator.get_state(),
@@ -721,6 +766,14 @@ class CurvatureStabilityCallback(Callback):
             "num_refreshes": self._num_refreshes,
             "history": [dict(h) for h in self.history],
         }
+
+    def _saved_basis(self) -> Tensor | None:
+        """The kept subspace for a checkpoint: a sharded model's rows gathered on process 0 (collective)."""
+        if not self.save_subspace or self._basis is None:
+            return None
+        if self._shards is None:
+            return self._basis.cpu()
+        return gather_rows(self._basis, self._shards)
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -734,6 +787,10 @@ class CurvatureStabilityCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._basis = state_dict.get("basis")
         self._eigenvalues = state_dict.get("eigenvalues")
+        self._basis_restored = None
+        if state_dict.get("basis_rows") is not None and self._basis is not None:
+            # all rows of a sharded model's subspace: each process takes its own at the pre-flight
+            self._basis_restored, self._basis = (self._basis, list(state_dict["basis_rows"])), None
         if self._basis is None:
             self._eigenvalues = None
         self._probe_indices = state_dict.get("probe_indices")
@@ -752,29 +809,6 @@ class CurvatureStabilityCallback(Callback):
 def _all_reduce_sum(tensor: Tensor) -> Tensor:
     torch.distributed.all_reduce(tensor)
     return tensor
-
-
-def _check_strategy(trainer: Trainer) -> None:
-    name = type(trainer.strategy).__name__
-    if any(s in name for s in ("FSDP", "DeepSpeed", "ModelParallel")):
-        raise ValueError(
-            f"CurvatureStabilityCallback supports single-device, DDP and ddp_spawn strategies; sharded strategies "
-            f"are not supported yet, got strategy {name}."
-        )
-
-
-def _no_validation_reason(trainer: Trainer, pl_module: LightningModule) -> str | None:
-    """Why no validation epoch (hence no probe) will run in this fit, or None."""
-    if not is_overridden("validation_step", pl_module):
-        return f"{type(pl_module).__name__} defines no validation_step"
-    limit = trainer.limit_val_batches
-    if limit == 0:
-        return f"limit_val_batches={limit!r}"
-    max_epochs = trainer.max_epochs
-    every = trainer.check_val_every_n_epoch
-    if every is not None and max_epochs is not None and 0 < max_epochs < every and trainer.max_steps == -1:
-        return f"check_val_every_n_epoch={every} exceeds max_epochs={max_epochs}"
-    return None
 
 
 def _num_trainable(module: LightningModule) -> int:

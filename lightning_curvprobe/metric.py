@@ -13,6 +13,7 @@ from lightning_curvprobe._checks import ESTIMATORS, _check_choice, _check_int, _
 from lightning_curvprobe.functional.estimators import _gaussian_draws
 from lightning_curvprobe.functional.hvp import HVP_KINDS, LossFn, ModelFunction
 from lightning_curvprobe.functional.probe import _collect_statistics, _evaluate, _projected_hessian, _Statistics
+from lightning_curvprobe.functional.sharded import ShardedFunction, is_fully_sharded, sharded_statistics, share_of
 
 _SUM_STATES = (
     "base_loss_sum",
@@ -170,6 +171,11 @@ class CurvatureStability(Metric):
                 refresh).
             base_loss: this process's mean loss on ``base_batch``, if already known (saves a pass).
             base_grad: its gradient (flat, length ``N``), if already known.
+
+        A model with sharded parameters (FSDP2 ``fully_shard``) is probed on its shards (see
+        :mod:`~lightning_curvprobe.functional.sharded`): ``eigenvectors`` then holds this process's rows of ``U``,
+        ``added_batch`` must be the same on every process, every process must call ``update`` together, and
+        ``base_loss`` / ``base_grad`` are not used.
         """
         if eigenvectors.dim() != 2 or eigenvectors.shape[1] != self.num_eigenvectors:
             raise ValueError(
@@ -177,8 +183,31 @@ class CurvatureStability(Metric):
             )
         projected = _projected_hessian(eigenvalues, self.num_eigenvectors)  # checked before anything is drawn
         self._draws(eigenvectors)
+        if is_fully_sharded(model):
+            stats = self._sharded_statistics(model, loss_fn, base_batch, added_batch, eigenvectors, projected)
+        else:
+            stats = self._statistics(
+                model, loss_fn, base_batch, added_batch, eigenvectors, projected, base_loss, base_grad
+            )
+        for name in _SUM_STATES:
+            value = getattr(stats, name)
+            setattr(self, name, getattr(self, name).to(value) + value)
+        for name in _CAT_STATES:
+            getattr(self, name).append(getattr(stats, name))
+
+    def _statistics(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        base_batch: Any,
+        added_batch: Any,
+        eigenvectors: Tensor,
+        projected: Tensor,
+        base_loss: Tensor | None,
+        base_grad: Tensor | None,
+    ) -> _Statistics:
         fn = ModelFunction(model, loss_fn, hvp=self.hvp)
-        stats = _collect_statistics(
+        return _collect_statistics(
             fn,
             base_batch,
             added_batch,
@@ -189,11 +218,23 @@ class CurvatureStability(Metric):
             direct_z=self._direct_z,
             qe_z=self._qe_z,
         )
-        for name in _SUM_STATES:
-            value = getattr(stats, name)
-            setattr(self, name, getattr(self, name).to(value) + value)
-        for name in _CAT_STATES:
-            getattr(self, name).append(getattr(stats, name))
+
+    def _sharded_statistics(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        base_batch: Any,
+        added_batch: Any,
+        eigenvectors: Tensor,
+        projected: Tensor,
+    ) -> _Statistics:
+        """Global statistics of a sharded model, cut to this process's share (the sync adds the shares up)."""
+        fn = ShardedFunction(model, loss_fn)
+        op = fn.operator(base_batch, scale=fn.share(base_batch), where="the base samples")
+        stats = sharded_statistics(
+            fn, op, base_batch, added_batch, eigenvectors, projected, direct_z=self._direct_z, qe_z=self._qe_z
+        )
+        return share_of(stats, fn.rank, fn.world)  # type: ignore[no-any-return]
 
     def compute(self) -> Tensor:
         """Δ₂^(D) by the configured estimator (mean over added samples); also fills :attr:`details`."""

@@ -57,10 +57,14 @@ def main() -> None:
     trainer.fit(
         model, torch.utils.data.DataLoader(train, batch_size=16), torch.utils.data.DataLoader(train, batch_size=64)
     )
+    saved = cb.state_dict()  # collective: the subspace's rows are gathered on rank 0
     torch.save(
         {
             "history": cb.history,
             "basis": cb._basis,
+            "saved_basis": saved["basis"],
+            "basis_rows": saved["basis_rows"],
+            "eigenvalues": cb._eigenvalues,
             "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "world": trainer.world_size,
         },

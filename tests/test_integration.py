@@ -72,8 +72,10 @@ def _run_ddp_script(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess[s
 def test_ddp_two_ranks_agree_with_single_process(tmp_path):
     _, r0, r1 = _run_ddp_script(tmp_path)
     assert r0["world"] == 2
+    # each rank holds its rows of the subspace (97 parameters: 48 + 49); the checkpoint gathers them on rank 0
+    assert r0["basis_rows"] == [48, 49] and r0["basis"].shape[0] == 48 and r1["basis"].shape[0] == 49
+    assert torch.equal(r0["saved_basis"], torch.cat([r0["basis"], r1["basis"]])) and r1["saved_basis"] is None
     # every rank ran the same Lanczos iterations on the all-reduced Hessian and logged the same values
-    assert torch.equal(r0["basis"], r1["basis"])
     for h0, h1 in zip(r0["history"], r1["history"], strict=True):
         for key in ("delta2", "delta1", "lambda_max", "hvps", "quadratic_error", "delta2_stderr"):
             assert h0[key] == pytest.approx(h1[key], rel=1e-12, nan_ok=True), key
@@ -93,9 +95,13 @@ def test_ddp_two_ranks_agree_with_single_process(tmp_path):
     last = r0["history"][-1]
     # both solves converge to residual 1e-10*lambda_1; the eigenvalues then agree to ~1e-20/gap, the criterion to ~1e-10
     assert last["lambda_max"] == pytest.approx(float(ref.eigenvalues[0]), rel=1e-10)
+    torch.testing.assert_close(r0["eigenvalues"], ref.eigenvalues, rtol=1e-10, atol=0)
     assert last["delta2"] == pytest.approx(float(ref.delta2), rel=1e-9)
     assert last["delta1"] == pytest.approx(float(ref.delta1), rel=1e-10)
     assert last["delta2_stderr"] == pytest.approx(float(ref.delta2_stderr), rel=1e-9)
+    # the rows of the two ranks make up the single process's eigenvectors
+    U = torch.cat([r0["basis"], r1["basis"]])[:, :4]
+    torch.testing.assert_close(U, ref.eigenvectors, rtol=0, atol=1e-8)
 
 
 @pytest.mark.ddp
@@ -423,15 +429,3 @@ def test_bad_construction(kwargs, exc, match):
 def test_bad_setup(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _fit(_callback(**kwargs), max_epochs=1, model=model())
-
-
-def test_sharded_strategies_are_refused():
-    from lightning_curvprobe.callback import _check_strategy
-
-    class FakeTrainer:
-        class strategy:  # noqa: N801 - mimics trainer.strategy
-            pass
-
-    FakeTrainer.strategy = type("FSDPStrategy", (), {})()
-    with pytest.raises(ValueError, match="sharded strategies are not supported yet, got strategy FSDPStrategy"):
-        _check_strategy(FakeTrainer())

@@ -34,10 +34,22 @@ from lightning_curvprobe.functional.estimators import (
 )
 from lightning_curvprobe.functional.hvp import HessianOperator, LossFn, ModelFunction, NonFiniteProbeError, _probe_mode
 from lightning_curvprobe.functional.lanczos import EigenResult, top_eigenpairs
+from lightning_curvprobe.functional.sharded import (
+    ShardedFunction,
+    ShardedHessianOperator,
+    is_fully_sharded,
+    sharded_eigensolve,
+    sharded_statistics,
+)
 
 
-def _eigensolve(op: HessianOperator, k: int, **kwargs: Any) -> EigenResult:
-    """:func:`top_eigenpairs` of ``op`` inside one probe mode (each product's own is then nested and cheap)."""
+def _eigensolve(op: HessianOperator | ShardedHessianOperator, k: int, **kwargs: Any) -> EigenResult:
+    """:func:`top_eigenpairs` of ``op`` inside one probe mode (each product's own is then nested and cheap).
+
+    On a sharded model's operator the basis holds this process's rows only (see :mod:`.sharded`).
+    """
+    if isinstance(op, ShardedHessianOperator):
+        return sharded_eigensolve(op, k, **kwargs)  # type: ignore[no-any-return]
     fn = op.fn
     with _probe_mode(fn.model):
         return top_eigenpairs(op.matvec, fn.num_params, k, dtype=fn.dtype, device=fn.device, **kwargs)
@@ -242,8 +254,8 @@ def _evaluate(
 
 
 def _criterion_in_subspace(
-    fn: ModelFunction,
-    op: HessianOperator,
+    fn: ModelFunction | ShardedFunction,
+    op: HessianOperator | ShardedHessianOperator,
     base_batch: Any,
     added_batch: Any,
     eig: EigenResult,
@@ -262,6 +274,19 @@ def _criterion_in_subspace(
     D = eig.eigenvectors.shape[1]
     direct_z = _gaussian_draws(num_samples, D, sigma, generator, eig.eigenvectors) if estimator == "direct_mc" else None
     qe_z = _gaussian_draws(quadratic_error_samples, D, sigma, generator, eig.eigenvectors)
+    if isinstance(fn, ShardedFunction):
+        stats = sharded_statistics(
+            fn,
+            op,  # type: ignore[arg-type]
+            base_batch,
+            added_batch,
+            eig.eigenvectors,
+            torch.diag(eig.eigenvalues),
+            direct_z=direct_z,
+            qe_z=qe_z,
+        )
+        out = _evaluate(stats, sigma=sigma, estimator=estimator, num_samples=num_samples, generator=generator)
+        return out, stats
     stats = _collect_statistics(
         fn,
         base_batch,
@@ -391,9 +416,20 @@ def probe_stability(
         >>> res.eigenvectors.shape, res.delta2.dtype, bool(res.delta2 >= 0)
         (torch.Size([49, 3]), torch.float64, True)
     """
-    fn = ModelFunction(model, loss_fn, hvp=hvp)
+    sharded = is_fully_sharded(model)
+    if sharded and hvp == "autograd":
+        raise ValueError(
+            "`hvp` must be 'auto' or 'finite_difference' for a model with sharded (DTensor) parameters: fully_shard "
+            "has no double backward, so products are finite differences of gradients; got hvp='autograd'."
+        )
+    fn = ShardedFunction(model, loss_fn) if sharded else ModelFunction(model, loss_fn, hvp=hvp)
     D, sigma, estimator, num_samples, tol = _check_common(
-        num_eigenvectors, sigma, estimator, num_samples, tol, fn.num_params
+        num_eigenvectors,
+        sigma,
+        estimator,
+        num_samples,
+        tol,
+        fn.global_num_params if isinstance(fn, ShardedFunction) else fn.num_params,
     )
     _check_int("quadratic_error_samples", quadratic_error_samples, minimum=0)
     k = _batch_size(base_batch, "base_batch")
@@ -403,7 +439,12 @@ def probe_stability(
     if m < 1:
         raise ValueError(f"`added_batch` must hold at least 1 sample, got {m}.")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    op = HessianOperator(fn, base_batch, where="the base samples")
+    if isinstance(fn, ShardedFunction):  # each process passes its own base samples
+        op: HessianOperator | ShardedHessianOperator = fn.operator(
+            base_batch, scale=fn.share(base_batch), where="the base samples"
+        )
+    else:
+        op = HessianOperator(fn, base_batch, where="the base samples")
     eig = _eigensolve(op, D, tol=tol, max_basis=max_basis, warm_start=warm_start, generator=gen)
     if not eig.converged:
         warnings.warn(

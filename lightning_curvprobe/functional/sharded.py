@@ -1,0 +1,441 @@
+r"""The probe on sharded parameters (FSDP2 ``fully_shard``): first-order products on each process's own shards.
+
+Under ``torch.distributed.fsdp.fully_shard`` every trainable parameter is a ``DTensor`` whose rows are split across
+the processes of a 1-D data-parallel mesh. Double backward does not work there, but the model's own sharded forward
+and first-order backward do, so the probe works on the flat vector of this process's local shards (its *rows* of the
+global parameter vector, in the order of the processes) and never gathers the parameters:
+
+* a point :math:`w_0 + \delta` is visited by adding this process's rows of :math:`\delta` to its local shards in
+  place and copying the saved shards back afterwards, bit for bit; ``.grad`` is saved and restored around each
+  backward pass;
+* the Hessian-vector product is the central difference of :mod:`~lightning_curvprobe.functional.hvp`,
+  :math:`H v \approx (\nabla L(w_0 + \varepsilon v) - \nabla L(w_0 - \varepsilon v)) / 2\varepsilon`, with the norms
+  in :math:`\varepsilon` taken over all rows; FSDP's reduce-scatter hands each process its rows of the gradient;
+* inner products are local partial sums all-reduced over the mesh, so the eigensolver
+  (:func:`~lightning_curvprobe.functional.top_eigenpairs` with ``rows=`` and ``reduce_fn=``) keeps only this
+  process's rows of its basis: ``max_basis · N / P`` numbers per process for ``P`` processes of equal shards.
+
+Data: the base samples are split across the processes (each process passes its own; the loss is their global
+sample-weighted mean); the added samples are the same on every process, and each one's gradient and products are
+taken by all processes together (FSDP's collectives need every process in every pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_curvprobe.functional._batch import _batch_size, _slice_batch
+from lightning_curvprobe.functional.hvp import (
+    LossFn,
+    NonFiniteProbeError,
+    _check_depends,
+    _check_loss,
+    _probe_mode,
+    finite_difference_step,
+)
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    return DTensor
+
+
+def is_fully_sharded(model: nn.Module) -> bool:
+    """Whether any trainable parameter of ``model`` is a ``DTensor`` (e.g. after FSDP2's ``fully_shard``).
+
+    Example:
+        >>> import torch
+        >>> is_fully_sharded(torch.nn.Linear(2, 2))
+        False
+    """
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters() if p.requires_grad)
+
+
+class ShardedFunction:
+    r"""The loss of a ``fully_shard``-ed model as a function of this process's rows of the flat parameter vector.
+
+    The global vector is the concatenation over processes (in rank order) of each one's local shards, flattened in
+    ``named_parameters()`` order; this process holds rows ``rows[0]:rows[1]`` of it. Every method that runs the model
+    is collective: all processes of the mesh must call it, in the same order.
+
+    Args:
+        model: the network; its trainable parameters must all be ``DTensor`` shards on one 1-D device mesh
+            (``fully_shard`` without tensor parallelism), in float32 or float64.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the mean loss over the batch's samples.
+
+    Attributes:
+        num_params: this process's rows (the numbers in its local shards).
+        global_num_params: ``N``, the rows of all processes.
+        rows: ``(lo, hi)``, this process's rows of the global vector.
+        row_counts: every process's number of rows, in rank order.
+        hvp_kind: always ``"finite_difference"`` (the sharded model has no double backward).
+    """
+
+    hvp = "finite_difference"
+    hvp_kind = "finite_difference"
+    fallback_reason: str | None = None
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        dtensor = _dtensor_type()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                f"`model` must have at least one trainable parameter (requires_grad=True), got {type(model).__name__} "
+                "with none."
+            )
+        plain = [n for n, p in named if dtensor is None or not isinstance(p, dtensor)]
+        if plain:
+            raise ValueError(
+                "a sharded model's trainable parameters must all be DTensor shards (apply fully_shard to every "
+                f"module that holds one, and to the root), got plain tensors for {plain[:5]}."
+            )
+        meshes = {id(p.device_mesh): p.device_mesh for _, p in named}  # type: ignore[attr-defined]
+        mesh = next(iter(meshes.values()))
+        if len(meshes) > 1 or mesh.ndim != 1:
+            raise ValueError(
+                "sharded models are supported on one 1-D data-parallel device mesh (fully_shard without tensor "
+                f"parallelism or HSDP), got {len(meshes)} meshes of shape {tuple(mesh.shape)}."
+            )
+        dtypes = {p.dtype for _, p in named}
+        if not dtypes <= {torch.float32, torch.float64}:
+            raise ValueError(
+                "the finite-difference products of a sharded model need float32 or float64 parameters (the "
+                f"perturbation is applied to the shards themselves), got {sorted(str(d) for d in dtypes)}."
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self.group = mesh.get_group()
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
+        self.dtype = torch.float64 if dtypes == {torch.float64} else torch.float32
+        local = self._locals()
+        self.device = local[0].device
+        self.numels = [t.numel() for t in local]
+        self.num_params = sum(self.numels)
+        counts = torch.zeros(self.world, dtype=torch.float64, device=self.device)
+        counts[self.rank] = float(self.num_params)
+        self.reduce(counts)
+        lo = int(counts[: self.rank].sum())
+        self.rows = (lo, lo + self.num_params)
+        self.row_counts = [int(c) for c in counts.tolist()]
+        self.global_num_params = int(counts.sum())
+
+    def _locals(self) -> list[Tensor]:
+        """This process's shard of every trainable parameter (views of the parameters' own storage)."""
+        with torch.no_grad():
+            return [p.to_local() for p in self._params]  # type: ignore[attr-defined]
+
+    def reduce(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over the mesh's processes, in place; returns it."""
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def share(self, batch: Any) -> float:
+        """This process's share ``k_local / k`` of the samples that the processes pass together (collective)."""
+        k_local = _batch_size(batch, "base_batch")
+        k = float(self.reduce(torch.tensor([float(k_local)], dtype=torch.float64, device=self.device))[0])
+        return k_local / k
+
+    def norm(self, v: Tensor) -> float:
+        """The global Euclidean norm of a vector given by this process's rows (collective)."""
+        sq = (v.to(torch.float64) ** 2).sum().reshape(1)
+        return float(self.reduce(sq)[0]) ** 0.5
+
+    def current(self) -> Tensor:
+        """This process's rows of the current parameters (a copy, in the compute dtype)."""
+        with torch.inference_mode(False), torch.no_grad():
+            return torch.cat([t.reshape(-1) for t in self._locals()]).to(self.dtype)
+
+    def _reshard(self) -> None:
+        """Drop any all-gathered (unsharded) parameters, so that the next forward gathers the shards anew."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    @contextlib.contextmanager
+    def at(self, w: Tensor) -> Iterator[None]:
+        """Within the block the model's shards hold ``w`` (this process's rows); the saved shards are copied back."""
+        local = self._locals()
+        saved = [t.clone() for t in local]
+        self._reshard()
+        try:
+            with torch.no_grad():
+                for t, part in zip(local, torch.split(w, self.numels), strict=True):
+                    t.copy_(part.view_as(t))
+            yield
+        finally:
+            self._reshard()
+            with torch.no_grad():
+                for t, s in zip(local, saved, strict=True):
+                    t.copy_(s)
+
+    def loss(self, w: Tensor, batch: Any, *, scale: float = 1.0, where: str = "the probe batch") -> Tensor:
+        """This process's scaled loss at ``w`` (no graph); sum it over processes for the global loss."""
+        with self.at(w), torch.no_grad():
+            return _check_loss(self.loss_fn(self.model, batch), where).detach().to(self.dtype) * scale
+
+    def gradient(
+        self, w: Tensor, batch: Any, *, scale: float = 1.0, where: str = "the probe batch"
+    ) -> tuple[Tensor, Tensor]:
+        r"""This process's scaled loss at ``w`` and its rows of :math:`\nabla \sum_p \mathrm{scale}_p L_p(w)`.
+
+        One forward and backward pass of the sharded model; FSDP's reduce-scatter (a mean over the processes) hands
+        each process its rows, so the loss is multiplied by the number of processes before the backward pass. The
+        parameters' ``.grad`` are saved before and put back after.
+        """
+        saved = [p.grad for p in self._params]
+        for p in self._params:
+            p.grad = None
+        try:
+            with self.at(w):
+                loss = _check_loss(self.loss_fn(self.model, batch), where) * scale
+                _check_depends(loss, where)
+                (loss * self.world).backward()
+                parts = []
+                for p, n in zip(self._params, self.numels, strict=True):
+                    g = p.grad
+                    if g is None:
+                        parts.append(torch.zeros(n, dtype=self.dtype, device=self.device))
+                    else:
+                        parts.append(g.to_local().reshape(-1).to(self.dtype))  # type: ignore[attr-defined]
+                grad = torch.cat(parts)
+        finally:
+            for p, g in zip(self._params, saved, strict=True):
+                p.grad = g
+        return loss.detach().to(self.dtype), grad
+
+    def operator(
+        self, batch: Any, *, scale: float = 1.0, replicated: bool = False, where: str = "the probe batch"
+    ) -> ShardedHessianOperator:
+        """The Hessian operator of the batch at the current weights (see :class:`ShardedHessianOperator`)."""
+        return ShardedHessianOperator(self, batch, scale=scale, replicated=replicated, where=where)
+
+
+class ShardedHessianOperator:
+    r"""Hessian of the global mean loss of a sharded model, applied to vectors given by this process's rows.
+
+    Each product is a central difference of two gradients (four passes of the sharded model in all; see the module
+    docstring). ``scale`` is this process's share of the global loss (``k_local / k``) when each process passes its
+    own samples; with ``replicated=True`` every process passes the same batch and the loss is that batch's mean.
+
+    Attributes:
+        loss: the global loss at the current weights (identical on every process).
+        gradient: this process's rows of its gradient.
+        num_hvps: products applied so far (a block of ``b`` vectors counts ``b``).
+    """
+
+    kind = "finite_difference"
+
+    def __init__(
+        self,
+        fn: ShardedFunction,
+        batch: Any,
+        *,
+        scale: float = 1.0,
+        replicated: bool = False,
+        where: str = "the probe batch",
+    ) -> None:
+        _batch_size(batch)
+        self.fn = fn
+        self.where = where
+        self.scale = scale / fn.world if replicated else scale
+        self.num_hvps = 0
+        self._batch = batch
+        self._w0 = fn.current()
+        with _probe_mode(fn.model):
+            loss, grad = fn.gradient(self._w0, batch, scale=self.scale, where=where)
+        self.loss = fn.reduce(loss.reshape(1).clone())[0]
+        self.gradient = grad
+        bad = torch.tensor([float(not bool(torch.isfinite(grad).all()))], device=fn.device)
+        if not torch.isfinite(self.loss) or float(fn.reduce(bad)[0]) > 0:
+            raise NonFiniteProbeError(f"the loss or its gradient is not finite on {where}.")
+        self._w0_norm = fn.norm(self._w0)
+
+    @property
+    def dim(self) -> int:
+        """This process's rows."""
+        return self.fn.num_params
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """This process's rows of ``H v`` for ``v`` of shape ``(rows,)`` or ``(rows, b)`` (collective)."""
+        fn = self.fn
+        block = v.reshape(self.dim, -1)
+        out = torch.empty(self.dim, block.shape[1], dtype=fn.dtype, device=fn.device)
+        with _probe_mode(fn.model):
+            for i in range(block.shape[1]):
+                out[:, i] = self._difference_product(block[:, i].to(device=fn.device, dtype=fn.dtype))
+        self.num_hvps += block.shape[1]
+        bad = torch.tensor([float(not bool(torch.isfinite(out).all()))], device=fn.device)
+        if float(fn.reduce(bad)[0]) > 0:
+            raise NonFiniteProbeError(f"a Hessian-vector product is not finite on {self.where}.")
+        return out.to(v.device).reshape(v.shape)
+
+    __call__ = matvec
+
+    def _difference_product(self, v: Tensor) -> Tensor:
+        norm = self.fn.norm(v)
+        if norm == 0.0:
+            return torch.zeros_like(v)
+        eps = finite_difference_step(self._w0_norm, norm, self.fn.dtype)
+        _, g_plus = self.fn.gradient(self._w0 + eps * v, self._batch, scale=self.scale, where=self.where)
+        _, g_minus = self.fn.gradient(self._w0 - eps * v, self._batch, scale=self.scale, where=self.where)
+        return (g_plus - g_minus) / (2.0 * eps)
+
+
+def sharded_statistics(
+    fn: ShardedFunction,
+    op: ShardedHessianOperator,
+    base_batch: Any,
+    added_batch: Any,
+    eigenvectors: Tensor,
+    projected: Tensor,
+    *,
+    direct_z: Tensor | None = None,
+    qe_z: Tensor | None = None,
+) -> Any:
+    """The probe's sufficient statistics, global and identical on every process (a ``probe._Statistics``).
+
+    ``op`` is the base samples' operator (this process's share, scaled by ``k_local / k``); ``added_batch`` is the
+    same on every process; ``eigenvectors`` holds this process's rows of ``U``; ``projected`` is ``U^T H_k U``
+    ``(D, D)``. Each added sample costs one gradient and ``D`` finite-difference products of the whole mesh; each
+    draw ``z`` one forward pass on the base samples and one per added sample.
+    """
+    from lightning_curvprobe.functional.probe import _second_order_model, _Statistics
+
+    with torch.inference_mode(False):
+        dt, dev = fn.dtype, fn.device
+        U = eigenvectors.to(device=dev, dtype=dt)
+        D = U.shape[1]
+        share = fn.share(base_batch)
+        k = round(_batch_size(base_batch, "base_batch") / share)
+        m = _batch_size(added_batch, "added_batch")
+        L = op.loss.to(dt)
+        g = fn.reduce(U.T @ op.gradient.to(dt))
+        added_loss = torch.empty(m, dtype=dt, device=dev)
+        added_grad = torch.empty(m, D, dtype=dt, device=dev)
+        added_hess = torch.empty(m, D, D, dtype=dt, device=dev)
+        hvps = 0
+        for j in range(m):
+            op_j = fn.operator(_slice_batch(added_batch, j, j + 1), replicated=True, where=f"added sample {j}")
+            added_loss[j] = op_j.loss
+            added_grad[j] = fn.reduce(U.T @ op_j.gradient)
+            hess = fn.reduce(U.T @ op_j.matvec(U))
+            added_hess[j] = 0.5 * (hess + hess.T)
+            hvps += op_j.num_hvps
+        S = 0 if direct_z is None else direct_z.shape[0]
+        Q = 0 if qe_z is None else qe_z.shape[0]
+        samples = [_slice_batch(added_batch, j, j + 1) for j in range(m)] if S else []
+        w0 = fn.current()
+
+        def losses_at(z: Tensor, with_added: bool) -> Tensor:
+            """``[L_k(w0 + U z), l_1(...), ..., l_m(...)]`` (the added ones only ``with_added``), global."""
+            w = w0 + U @ z.to(dt)
+            parts = [fn.loss(w, base_batch, scale=share, where="the base samples (probe point)")]
+            if with_added:
+                parts += [fn.loss(w, s, scale=1.0 / fn.world, where=f"added sample {j}") for j, s in enumerate(samples)]
+            return fn.reduce(torch.stack(parts))
+
+        with _probe_mode(fn.model):
+            direct = [losses_at(direct_z[s], True) for s in range(S)]  # type: ignore[index]
+            qe = [losses_at(qe_z[q], False)[0] for q in range(Q)]  # type: ignore[index]
+        base_draw = torch.stack([d[0] for d in direct]) * k if S else torch.empty(0, dtype=dt, device=dev)
+        added_draw = torch.stack([d[1:] for d in direct], 1) if S else torch.empty(m, 0, dtype=dt, device=dev)
+        qe_draw = torch.stack(qe) if Q else torch.empty(0, dtype=dt, device=dev)
+        for name, values in (("direct Monte Carlo", (base_draw, added_draw)), ("quadratic-validity", (qe_draw,))):
+            bad = sum(int((~torch.isfinite(v)).sum()) for v in values)
+            if bad:
+                raise NonFiniteProbeError(
+                    f"the loss is not finite at {bad} of the {name} probe points w0 + U z (a smaller `sigma` keeps "
+                    "the probe inside the local regime)."
+                )
+        P = 0.5 * (projected + projected.T).to(device=dev, dtype=dt)
+        return _Statistics(
+            base_loss_sum=L * k,
+            base_count=torch.tensor(float(k), dtype=dt, device=dev),
+            base_grad_sum=g * k,
+            base_hess_sum=P * k,
+            added_loss=added_loss,
+            added_grad=added_grad,
+            added_hess=added_hess,
+            base_draw_loss_sum=base_draw,
+            added_draw_loss=added_draw,
+            qe_change_sum=(qe_draw - L) * k,
+            qe_model_sum=_second_order_model(qe_z, g, P) * k,
+            hvps=hvps,
+            forward_passes=S * (1 + m) + Q,
+        )
+
+
+def share_of(stats: Any, rank: int, world: int) -> Any:
+    """This process's part of global statistics, for a metric that sums (and concatenates) the parts of all.
+
+    Process 0 keeps the base sums (the others contribute zeros); each process keeps the added samples ``j`` with
+    ``j % world == rank``.
+    """
+    from dataclasses import replace
+
+    own = torch.arange(rank, stats.added_loss.shape[0], world, device=stats.added_loss.device)
+    keep = 1.0 if rank == 0 else 0.0
+    return replace(
+        stats,
+        base_loss_sum=stats.base_loss_sum * keep,
+        base_count=stats.base_count * keep,
+        base_grad_sum=stats.base_grad_sum * keep,
+        base_hess_sum=stats.base_hess_sum * keep,
+        base_draw_loss_sum=stats.base_draw_loss_sum * keep,
+        qe_change_sum=stats.qe_change_sum * keep,
+        qe_model_sum=stats.qe_model_sum * keep,
+        added_loss=stats.added_loss[own],
+        added_grad=stats.added_grad[own],
+        added_hess=stats.added_hess[own],
+        added_draw_loss=stats.added_draw_loss[own],
+    )
+
+
+def sharded_eigensolve(op: ShardedHessianOperator, k: int, **kwargs: Any) -> Any:
+    """:func:`~lightning_curvprobe.functional.top_eigenpairs` of ``op`` with this process's rows of the basis."""
+    from lightning_curvprobe.functional.lanczos import top_eigenpairs
+
+    fn = op.fn
+    with _probe_mode(fn.model):
+        return top_eigenpairs(
+            op.matvec,
+            fn.global_num_params,
+            k,
+            dtype=fn.dtype,
+            device=fn.device,
+            rows=fn.rows,
+            reduce_fn=fn.reduce,
+            **kwargs,
+        )
+
+
+def sharded_preflight(fn: ShardedFunction, base_batch: Any, *, seed: int = 0) -> Any:
+    """One loss, gradient and finite-difference product of the sharded model on ``base_batch`` (collective).
+
+    Raises what the probe would raise later (a detached or non-scalar loss, a non-finite value); the model, its
+    ``.grad`` and the global RNG are left as they were. Returns a ``PreflightReport`` (finite differences; the
+    per-sample-mean check of the unsharded pre-flight is not made).
+    """
+    with torch.inference_mode(False):
+        op = fn.operator(base_batch, scale=fn.share(base_batch), where="the base samples (pre-flight)")
+        gen = torch.Generator().manual_seed(seed + fn.rank)
+        op.matvec(torch.randn(fn.num_params, generator=gen, dtype=fn.dtype).to(fn.device))
+    from lightning_curvprobe.functional.preflight import PreflightReport
+
+    reason = "the parameters are sharded (FSDP2 fully_shard: no double backward)"
+    return PreflightReport(hvp_kind="finite_difference", fallback_reason=reason, mean_ratio=float("nan"))
