@@ -236,6 +236,7 @@ class CurvatureStabilityCallback(Callback):
         self._warned: set[str] = set()
         self._warned_no_probe = False
         self._probes_this_fit = 0
+        self._start_step = 0
         #: the kind of Hessian-vector product in use after the pre-flight: "autograd" or "finite_difference"
         self.hvp_in_use: str | None = None
         # runtime state
@@ -334,6 +335,7 @@ class CurvatureStabilityCallback(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_step = trainer.global_step  # a resumed fit's steps so far are restored by now
         self._prepare_probe_data(trainer, pl_module)
 
     @override
@@ -400,8 +402,8 @@ class CurvatureStabilityCallback(Callback):
 
     def _report(self, trainer: Trainer, values: dict[str, float]) -> None:
         """One info line on the first probe's cost; one warning for a quadratic error above the threshold."""
-        if self._probes_this_fit == 1 and trainer.state.fn == "fit" and trainer.global_step > 0:
-            steps = trainer.global_step
+        steps = trainer.global_step - self._start_step  # the steps of this fit (after a resume too)
+        if self._probes_this_fit == 1 and trainer.state.fn == "fit" and steps > 0:
             step_seconds = self._schedule.train_seconds() / steps
             in_steps = values["probe_seconds"] / step_seconds if step_seconds > 0 else float("nan")
             if self.max_overhead is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
@@ -147,7 +148,7 @@ def test_ddp_sharded_metric_equals_union_in_process():
 # ---------------------------------------------------------------- resume
 
 
-def test_resume_continues_warm_and_matches_uninterrupted_run(tmp_path):
+def test_resume_continues_warm_and_matches_uninterrupted_run(tmp_path, caplog):
     full_cb = _callback()
     _fit(full_cb, max_epochs=4)
 
@@ -160,13 +161,17 @@ def test_resume_continues_warm_and_matches_uninterrupted_run(tmp_path):
     assert first_cb.state_key in state["callbacks"]
 
     resumed_cb = _callback()
-    _fit(
-        resumed_cb,
-        max_epochs=4,
-        ckpt_path=str(last),
-        callbacks=[ModelCheckpoint(dirpath=tmp_path / "b")],
-        enable_checkpointing=True,
-    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _fit(
+            resumed_cb,
+            max_epochs=4,
+            ckpt_path=str(last),
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / "b")],
+            enable_checkpointing=True,
+        )
+    # the first probe's cost line counts this fit's steps only (8 per epoch), not the 16 restored ones
+    assert "at this validation interval (8 steps)" in caplog.text
     assert len(resumed_cb.history) == len(full_cb.history) == 4
     # epochs 0-1 come from the checkpointed history (bit-identical); epochs 2-3 were probed after the resume.
     # Lightning's own resume of this float32-built module under precision="64-true" moves the weights by ~1e-8
