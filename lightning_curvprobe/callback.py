@@ -733,6 +733,8 @@ class CurvatureStabilityCallback(Callback):
             )
         if report.autograd_warning is not None:
             self._warn_once("autograd", f"{report.autograd_warning}; pass hvp='auto' or 'finite_difference'.")
+        if report.difference_warning is not None:
+            self._warn_once("difference", f"{report.difference_warning}.")
         if not report.is_mean:
             self._warn_once(
                 "mean",

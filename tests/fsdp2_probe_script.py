@@ -24,19 +24,25 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from _integration_models import TinyRegressor, make_regression  # noqa: E402
 
-from lightning_curvprobe import CurvatureStabilityCallback  # noqa: E402
+from lightning_curvprobe import CurvatureStability, CurvatureStabilityCallback  # noqa: E402
 from lightning_curvprobe.functional import probe_stability  # noqa: E402
 
 PROBE = {"num_eigenvectors": 4, "sigma": 0.05, "tol": 1e-10}
 
 
-def shard(net: nn.Sequential, mesh) -> None:
+def shard(net: nn.Sequential, mesh, **kwargs) -> None:
     from torch.distributed.fsdp import fully_shard
 
     for layer in net:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(net, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(net, mesh=mesh, **kwargs)
+
+
+def _preflight_warning(model: nn.Module, batch) -> str | None:
+    from lightning_curvprobe.functional.sharded import ShardedFunction, sharded_preflight
+
+    return sharded_preflight(ShardedFunction(model, TinyRegressor.mean_loss), batch).difference_warning
 
 
 def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,31 +69,42 @@ def functional_worker(rank: int, out: str, port: str) -> None:
     shard(model.net, init_device_mesh("cpu", (2,)))
     before = [p.to_local().clone() for p in model.parameters()]
     mine = torch.arange(rank, 16, 2)
-    results = {}
-    for estimator in ("gaussian_moment", "direct_mc"):
-        res = probe_stability(
-            model,
-            TinyRegressor.mean_loss,
-            (x[mine], y[mine]),
-            (x[16:20], y[16:20]),
-            estimator=estimator,
-            num_samples=16,
-            generator=torch.Generator().manual_seed(3),
-            **PROBE,
-        )
-        results[estimator] = {
-            "eigenvalues": res.eigenvalues,
-            "eigenvectors": res.eigenvectors,
-            "delta2": res.delta2,
-            "delta1": res.delta1,
-            "delta2_stderr": res.delta2_stderr,
-            "quadratic_error": res.quadratic_error,
-            "hvps": res.hvps,
-        }
+    res = probe_stability(
+        model,
+        TinyRegressor.mean_loss,
+        (x[mine], y[mine]),
+        (x[16:20], y[16:20]),
+        generator=torch.Generator().manual_seed(3),
+        **PROBE,
+    )
+    results = {
+        "eigenvalues": res.eigenvalues,
+        "eigenvectors": res.eigenvectors,
+        "delta2": res.delta2,
+        "delta1": res.delta1,
+        "delta2_stderr": res.delta2_stderr,
+        "hvps": res.hvps,
+    }
+    # the draws of direct Monte Carlo and of the quadratic error through the metric, whose generator is its own
+    # (probe_stability's draws follow the eigensolver's, which consumes its generator differently when sharded)
+    metric = CurvatureStability(4, sigma=0.05, estimator="direct_mc", num_samples=16, seed=5)
+    metric.update(
+        model, TinyRegressor.mean_loss, (x[mine], y[mine]), (x[16:20], y[16:20]), res.eigenvectors, res.eigenvalues
+    )
+    results["direct_mc"] = float(metric.compute())
+    results["quadratic_error"] = float(metric.details["quadratic_error"])
     untouched = all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters(), strict=True))
     grads_none = all(p.grad is None for p in model.parameters())
+    warnings = {"float64": _preflight_warning(model, (x[mine], y[mine]))}
+    # a bfloat16 forward (FSDP2's mixed precision) makes the finite differences unreliable: the pre-flight says so
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    torch.manual_seed(0)
+    low = TinyRegressor()
+    shard(low.net, init_device_mesh("cpu", (2,)), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    warnings["bfloat16"] = _preflight_warning(low, (x[mine].float(), y[mine].float()))
     torch.save(
-        {"results": results, "untouched": untouched, "grads_none": grads_none},
+        {"results": results, "untouched": untouched, "grads_none": grads_none, "warnings": warnings},
         os.path.join(out, f"functional{rank}.pt"),
     )
     dist.destroy_process_group()

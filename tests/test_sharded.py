@@ -19,6 +19,7 @@ import pytest
 import torch
 from _integration_models import TinyRegressor, make_regression
 
+from lightning_curvprobe import CurvatureStability
 from lightning_curvprobe.functional import probe_stability
 from lightning_curvprobe.functional.sharded import is_fully_sharded
 
@@ -72,19 +73,30 @@ def test_functional_probe_of_a_fully_sharded_model_matches_the_unsharded_one(tmp
     for r in ranks:
         assert r["untouched"], "the shards must be restored bit for bit"
         assert r["grads_none"], ".grad must be put back as it was (None)"
-    for estimator in ("gaussian_moment", "direct_mc"):
-        ref = _reference(None, estimator=estimator, num_samples=16, generator=torch.Generator().manual_seed(3))
-        r0, r1 = (r["results"][estimator] for r in ranks)
-        # every process takes the same decisions on the same all-reduced numbers
-        assert torch.equal(r0["eigenvalues"], r1["eigenvalues"]) and r0["hvps"] == r1["hvps"]
-        assert float(r0["delta2"]) == float(r1["delta2"])
-        torch.testing.assert_close(r0["eigenvalues"], ref.eigenvalues, rtol=EIG_RTOL, atol=0)
-        # the rows of the two processes make up the unsharded eigenvectors (in the shards' order)
-        U = _rows_to_parameter_order(torch.cat([r0["eigenvectors"], r1["eigenvectors"]]))
-        torch.testing.assert_close(U, ref.eigenvectors, rtol=0, atol=1e-7)
-        for key, rtol in (("delta2", DELTA2_RTOL), ("delta1", 1e-12), ("delta2_stderr", DELTA2_RTOL)):
-            assert _rel(float(r0[key]), float(getattr(ref, key))) < rtol, key
-        assert _rel(float(r0["quadratic_error"]), float(ref.quadratic_error)) < QE_RTOL
+        # the pre-flight trusts float64 finite differences and flags those through a bfloat16 forward
+        assert r["warnings"]["float64"] is None
+        assert "MixedPrecisionPolicy" in r["warnings"]["bfloat16"] and "differ by" in r["warnings"]["bfloat16"]
+    ref = _reference(None, generator=torch.Generator().manual_seed(3))
+    r0, r1 = (r["results"] for r in ranks)
+    # every process takes the same decisions on the same all-reduced numbers
+    assert torch.equal(r0["eigenvalues"], r1["eigenvalues"]) and r0["hvps"] == r1["hvps"]
+    assert r0["delta2"] == r1["delta2"] and r0["direct_mc"] == r1["direct_mc"]
+    torch.testing.assert_close(r0["eigenvalues"], ref.eigenvalues, rtol=EIG_RTOL, atol=0)
+    # the rows of the two processes make up the unsharded eigenvectors (in the shards' order)
+    U = _rows_to_parameter_order(torch.cat([r0["eigenvectors"], r1["eigenvectors"]]))
+    torch.testing.assert_close(U, ref.eigenvectors, rtol=0, atol=1e-7)
+    for key, rtol in (("delta2", DELTA2_RTOL), ("delta1", 1e-12), ("delta2_stderr", DELTA2_RTOL)):
+        assert _rel(float(r0[key]), float(getattr(ref, key))) < rtol, key
+    # the same metric draws on the unsharded model, in the reference's subspace
+    torch.manual_seed(0)
+    model = TinyRegressor().double()
+    x, y = make_regression()[1]
+    metric = CurvatureStability(4, sigma=0.05, estimator="direct_mc", num_samples=16, seed=5)
+    metric.update(
+        model, TinyRegressor.mean_loss, (x[:16], y[:16]), (x[16:20], y[16:20]), ref.eigenvectors, ref.eigenvalues
+    )
+    assert _rel(r0["direct_mc"], float(metric.compute())) < DELTA2_RTOL
+    assert _rel(r0["quadratic_error"], float(metric.details["quadratic_error"])) < QE_RTOL
 
 
 def _rows_to_parameter_order(rows: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,8 @@ class PreflightReport:
         fallback_reason: why ``hvp="auto"`` fell back to finite differences (None otherwise).
         mean_ratio: ``L(base) / ((k_1 L(half_1) + k_2 L(half_2)) / k)``: 1 for a per-sample mean loss, about 2 for a
             sum, other values for a token-weighted mean over padded sequences (NaN with fewer than 2 base samples).
+        difference_warning: on a sharded model, why its finite-difference products look unreliable (two steps
+            disagree by more than :data:`FD_CONSISTENCY`), None if they agree.
         autograd_warning: under ``hvp="autograd"``, why the double backward looks incomplete (None if it does not);
             ``"auto"`` falls back to finite differences instead.
     """
@@ -50,6 +52,7 @@ class PreflightReport:
     fallback_reason: str | None
     mean_ratio: float
     autograd_warning: str | None = None
+    difference_warning: str | None = None
 
     @property
     def is_mean(self) -> bool:

@@ -286,11 +286,11 @@ class ShardedHessianOperator:
 
     __call__ = matvec
 
-    def _difference_product(self, v: Tensor) -> Tensor:
+    def _difference_product(self, v: Tensor, step_factor: float = 1.0) -> Tensor:
         norm = self.fn.norm(v)
         if norm == 0.0:
             return torch.zeros_like(v)
-        eps = finite_difference_step(self._w0_norm, norm, self.fn.dtype)
+        eps = step_factor * finite_difference_step(self._w0_norm, norm, self.fn.dtype)
         _, g_plus = self.fn.gradient(self._w0 + eps * v, self._batch, scale=self.scale, where=self.where)
         _, g_minus = self.fn.gradient(self._w0 - eps * v, self._batch, scale=self.scale, where=self.where)
         return (g_plus - g_minus) / (2.0 * eps)
@@ -425,17 +425,34 @@ def sharded_eigensolve(op: ShardedHessianOperator, k: int, **kwargs: Any) -> Any
 
 
 def sharded_preflight(fn: ShardedFunction, base_batch: Any, *, seed: int = 0) -> Any:
-    """One loss, gradient and finite-difference product of the sharded model on ``base_batch`` (collective).
+    """One loss and gradient, and one product at two steps, of the sharded model on ``base_batch`` (collective).
 
     Raises what the probe would raise later (a detached or non-scalar loss, a non-finite value); the model, its
     ``.grad`` and the global RNG are left as they were. Returns a ``PreflightReport`` (finite differences; the
-    per-sample-mean check of the unsharded pre-flight is not made).
+    per-sample-mean check of the unsharded pre-flight is not made) whose ``difference_warning`` says when the products
+    at steps ε and ε/2 disagree by more than ``FD_CONSISTENCY``: the sharded forward computes in low precision (e.g.
+    ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``), or the loss has kinks (ReLU) at the scale of the step.
     """
+    from lightning_curvprobe.functional.preflight import FD_CONSISTENCY, PreflightReport
+
     with torch.inference_mode(False):
         op = fn.operator(base_batch, scale=fn.share(base_batch), where="the base samples (pre-flight)")
         gen = torch.Generator().manual_seed(seed + fn.rank)
-        op.matvec(torch.randn(fn.num_params, generator=gen, dtype=fn.dtype).to(fn.device))
-    from lightning_curvprobe.functional.preflight import PreflightReport
-
+        v = torch.randn(fn.num_params, generator=gen, dtype=fn.dtype).to(fn.device)
+        with _probe_mode(fn.model):
+            d1 = op._difference_product(v)
+            d2 = op._difference_product(v, step_factor=0.5)
+    diff = fn.reduce(torch.stack([((d1 - d2).double() ** 2).sum(), (d2.double() ** 2).sum()]))
+    consistency = float(diff[0].sqrt() / diff[1].sqrt().clamp_min(torch.finfo(torch.float64).tiny))
+    warning = None
+    if not consistency < FD_CONSISTENCY:
+        warning = (
+            f"finite-difference Hessian-vector products at steps ε and ε/2 differ by {consistency:.2g} (relative): "
+            "the sharded model's products are unreliable here (a forward in low precision, e.g. fully_shard's "
+            "MixedPrecisionPolicy(param_dtype=torch.bfloat16), or kinks of the loss at the scale of the step); "
+            "eigenvalues and delta2 carry that error"
+        )
     reason = "the parameters are sharded (FSDP2 fully_shard: no double backward)"
-    return PreflightReport(hvp_kind="finite_difference", fallback_reason=reason, mean_ratio=float("nan"))
+    return PreflightReport(
+        hvp_kind="finite_difference", fallback_reason=reason, mean_ratio=float("nan"), difference_warning=warning
+    )
