@@ -295,3 +295,33 @@ def test_sharded_lanczos_quick():
     assert float(two[0][4]) + float(two[1][4]) == pytest.approx(float(one[4]), rel=1e-3)
     rel = float(text.split("2 processes against 1: ")[1].split()[0])
     assert rel < 1e-3, text[-3000:]
+
+
+def test_sharded_refresh_memory_quick():
+    """``sharded_refresh_memory.py --quick`` (run on its own: it spawns its own 1 and 2 gloo processes)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "sharded_refresh_memory.py"), "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if len(r) == 14 and r[1].isdigit()]
+    assert [r[0] for r in rows] == ["unsharded", "DDP rows", "DDP rows", "FSDP2", "FSDP2"], text[-3000:]
+    one, *two = rows
+    assert all(r[12] == "True" for r in rows)  # converged
+    assert two[0][10] == two[1][10] and two[2][10] == two[3][10]  # each run's ranks multiplied together
+    n_one = int(one[2].replace(",", ""))
+    assert all(int(r[2].replace(",", "")) * 2 == n_one for r in two)  # each process holds half of the rows
+    assert all(float(r[4]) > 0 and float(r[7]) > 0 for r in rows)  # a peak increase measured in every process
+    for setup in ("DDP rows", "FSDP2"):
+        rel = float(text.split(f"largest relative eigenvalue difference, {setup} against unsharded: ")[1].split()[0])
+        assert rel < 1e-3, text[-3000:]
+        assert f"{setup}: largest relative error against the reference" in text
