@@ -8,16 +8,12 @@ own rows. On restore every process reads the whole subspace and keeps its rows.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from torch import Tensor
 
-from lightning_curvprobe.functional.hvp import HessianOperator, _probe_mode
-from lightning_curvprobe.functional.lanczos import EigenResult, top_eigenpairs
-from lightning_curvprobe.functional.sharded import ShardedFunction
+from lightning_curvprobe.functional.sharded import RowShards, ShardedFunction
 
 
 def gather_rows(local: Tensor, shards: ShardedFunction | RowShards) -> Tensor | None:
@@ -66,60 +62,16 @@ def check_strategy(trainer: Trainer, sigma: float | str) -> None:
         )
 
 
-class RowShards:
-    """The flat parameter vector's rows split evenly over the processes of a data-parallel run (DDP).
+def measures_by_rows(num_eigenvectors: int, max_basis: int, world: int) -> bool:
+    """Whether a DDP probe measures on its rows of ``U`` instead of gathering the ``D`` vectors.
 
-    Under DDP every process holds all parameters but only rows ``rows[0]:rows[1]`` of the eigensolver's basis and of
-    the kept subspace, so their memory per process falls by the number of processes. A product gathers the block's
-    rows from all processes (``N · b`` numbers), applies the all-reduced Hessian and keeps this process's rows; the
-    measurement gathers the ``D`` kept vectors (``N · D`` numbers, for the time of the probe).
-
-    Args:
-        n: ``N``, the number of trainable parameters.
-        device: where the collectives run (the model's device).
+    Gathering them (``D · N`` numbers per process) keeps the measurement as fast as on one process (added samples split
+    over the processes, batched); it is used while that is no more than the process's share of the basis during a
+    refresh (``max_basis · N / P``), so the probe's peak memory still falls with the number of processes. Beyond it,
+    every process takes all added samples on its rows (``O(N)`` per process, each product gathering one vector).
     """
+    return ROW_MEASUREMENT == "always" or (ROW_MEASUREMENT == "auto" and num_eigenvectors * world > max_basis)
 
-    group = None  # the default process group
 
-    def __init__(self, n: int, device: torch.device) -> None:
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        bounds = [n * r // self.world for r in range(self.world + 1)]
-        self.row_counts = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-        self.rows = (bounds[self.rank], bounds[self.rank + 1])
-        self.global_num_params = n
-        self.device = device
-
-    def reduce(self, tensor: Tensor) -> Tensor:
-        """Sum over the processes, in place; returns ``tensor``."""
-        dist.all_reduce(tensor)
-        return tensor
-
-    def gather(self, local: Tensor) -> Tensor:
-        """All rows ``(N, b)`` from every process's ``(rows, b)`` block (collective)."""
-        block = local.reshape(local.shape[0], -1).to(self.device)
-        width = max(self.row_counts)
-        padded = block.new_zeros(width, block.shape[1])
-        padded[: block.shape[0]] = block
-        parts = [torch.empty_like(padded) for _ in self.row_counts]
-        dist.all_gather(parts, padded)
-        return torch.cat([p[:c] for p, c in zip(parts, self.row_counts, strict=True)])
-
-    def eigensolve(self, op: HessianOperator, k: int, **kwargs: Any) -> EigenResult:
-        """``top_eigenpairs`` of the (all-reduced) operator ``op`` with this process's rows of the basis."""
-        lo, hi = self.rows
-        fn = op.fn
-
-        def matvec(block: Tensor) -> Tensor:
-            return op.matvec(self.gather(block))[lo:hi].clone().reshape(block.shape)
-
-        with _probe_mode(fn.model):
-            return top_eigenpairs(
-                matvec,
-                self.global_num_params,
-                k,
-                dtype=fn.dtype,
-                device=fn.device,
-                rows=self.rows,
-                reduce_fn=self.reduce,
-                **kwargs,
-            )
+#: ``"auto"`` (see :func:`measures_by_rows`), ``"always"`` or ``"never"`` (tests force either path).
+ROW_MEASUREMENT = "auto"

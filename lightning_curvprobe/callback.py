@@ -43,7 +43,7 @@ from lightning_curvprobe._probe_data import (
     user_state_kept,
 )
 from lightning_curvprobe._schedule import ProbeSchedule, no_validation_reason
-from lightning_curvprobe._sharding import RowShards, check_strategy, gather_rows, take_rows
+from lightning_curvprobe._sharding import check_strategy, gather_rows, measures_by_rows, take_rows
 from lightning_curvprobe._signals import SIGNAL_KEYS, explain
 from lightning_curvprobe.functional._batch import _batch_size, _cast_batch
 from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
@@ -51,7 +51,13 @@ from lightning_curvprobe.functional.hvp import HVP_KINDS, HessianOperator, Model
 from lightning_curvprobe.functional.lanczos import EigenResult, _default_num_extra
 from lightning_curvprobe.functional.preflight import preflight
 from lightning_curvprobe.functional.probe import _eigensolve
-from lightning_curvprobe.functional.sharded import ShardedFunction, is_fully_sharded, sharded_preflight
+from lightning_curvprobe.functional.sharded import (
+    RowShardedFunction,
+    RowShards,
+    ShardedFunction,
+    is_fully_sharded,
+    sharded_preflight,
+)
 from lightning_curvprobe.metric import CurvatureStability
 
 Estimator = Literal["gaussian_moment", "quadratic_mc", "direct_mc"]
@@ -243,6 +249,7 @@ class CurvatureStabilityCallback(Callback):
         self._generator = torch.Generator().manual_seed(seed)
         self._basis: Tensor | None = None  # (N, D + p) from the last refresh, warm start of the next
         self._shards: ShardedFunction | RowShards | None = None  # with processes: _basis holds this one's rows
+        self._by_rows = False  # DDP: the measurement on this process's rows of U (see measures_by_rows)
         self._basis_restored: tuple[Tensor, list[int] | None] | None = None  # all rows, from a checkpoint
         self._eigenvalues: Tensor | None = None
         self._probe_indices: list[int] | None = None
@@ -304,6 +311,12 @@ class CurvatureStabilityCallback(Callback):
                 hvp=self.hvp,
                 sync_on_compute=True,
             )
+
+    def _max_basis(self, pl_module: LightningModule) -> int:
+        """The eigensolver's basis size (``max_basis`` or its default)."""
+        N = _num_trainable(pl_module)
+        D = self.num_eigenvectors
+        return self.max_basis if self.max_basis is not None else min(N, 2 * (D + _default_num_extra(D, N)) + 10)
 
     def _check_trainable(self, pl_module: LightningModule) -> None:
         """The module's trainable parameters admit the configured ``D`` and ``max_basis``."""
@@ -470,16 +483,18 @@ class CurvatureStabilityCallback(Callback):
         hvps, overlap = self._refresh(op) if refresh else (0, 1.0)
         assert self._basis is not None and self._eigenvalues is not None
         U = self._basis[:, : self.num_eigenvectors].to(device=fn.device, dtype=fn.dtype)
-        if isinstance(self._shards, RowShards):  # DDP: the measurement takes all rows of the D vectors
+        by_rows = isinstance(self._shards, RowShards) and self._by_rows
+        if isinstance(self._shards, RowShards) and not by_rows:  # DDP: the measurement takes all rows of U
             U = self._shards.gather(U)
         if refresh:
             projected = self._eigenvalues.to(U)  # U^T H_k U = diag(eigenvalues) at these weights
         else:
             # the kept U is no eigenbasis at the current weights: U^T H_k U from D products (one block)
-            HU = self._call_user(lambda: op.matvec(U), "the base samples (projected Hessian)")
+            apply = self._shards.matvec(op) if by_rows else op.matvec  # type: ignore[union-attr]
+            HU = self._call_user(lambda: apply(U), "the base samples (projected Hessian)")
             projected = U.T @ HU
-            if isinstance(fn, ShardedFunction):  # U holds this process's rows
-                projected = fn.reduce(projected)
+            if isinstance(fn, ShardedFunction) or by_rows:  # U holds this process's rows
+                projected = self._shards.reduce(projected)  # type: ignore[union-attr]
             projected = 0.5 * (projected + projected.T)
             self._eigenvalues = torch.linalg.eigvalsh(projected).flip(0)
         if refresh and self.sigma == "auto":
@@ -488,7 +503,7 @@ class CurvatureStabilityCallback(Callback):
                     pl_module,
                     self._loss_fn(pl_module),
                     self._base,
-                    U,
+                    self._shards.gather(U) if by_rows else U,  # type: ignore[union-attr]
                     self._eigenvalues.to(U),  # type: ignore[union-attr]
                     max_quadratic_error=self.max_quadratic_error,
                     generator=self._generator,
@@ -575,6 +590,9 @@ class CurvatureStabilityCallback(Callback):
         metric = self._metric.to(pl_module.device)
         metric.sigma = self._sigma_value
         metric.reset()
+        by_rows = isinstance(self._shards, RowShards) and self._by_rows
+        function = RowShardedFunction(op.fn, self._shards) if by_rows else None  # type: ignore[arg-type]
+        plain = function is None and not isinstance(op.fn, ShardedFunction)  # this rank's base loss, gradient known
         failed: NonFiniteProbeError | None = None
         try:
             self._call_user(
@@ -585,8 +603,9 @@ class CurvatureStabilityCallback(Callback):
                     self._added,
                     U,
                     projected,
-                    base_loss=None if isinstance(op.fn, ShardedFunction) else op.local_loss / scale,
-                    base_grad=None if isinstance(op.fn, ShardedFunction) else op.local_gradient / scale,
+                    base_loss=op.local_loss / scale if plain else None,
+                    base_grad=op.local_gradient / scale if plain else None,
+                    function=function,
                 ),
                 "the added samples",
             )
@@ -705,8 +724,12 @@ class CurvatureStabilityCallback(Callback):
             rank, world = trainer.global_rank, trainer.world_size
             device = pl_module.device
             sharded = is_fully_sharded(pl_module)
-            # the added samples of a sharded model are taken by all processes together: each one holds all of them
-            own_added = list(range(k, k + m)) if sharded else list(range(k + rank, k + m, world))
+            self._by_rows = (
+                world > 1 and not sharded and measures_by_rows(self.num_eigenvectors, self._max_basis(pl_module), world)
+            )
+            # added samples taken by all processes together (sharded models, DDP measuring by rows): all on each
+            together = sharded or self._by_rows
+            own_added = list(range(k, k + m)) if together else list(range(k + rank, k + m, world))
             with torch.inference_mode(False):
                 base = _cast_batch(select(batch, list(range(rank, k, world))), device=device)
                 added = _cast_batch(select(batch, own_added), device=device)

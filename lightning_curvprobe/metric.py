@@ -13,7 +13,13 @@ from lightning_curvprobe._checks import ESTIMATORS, _check_choice, _check_int, _
 from lightning_curvprobe.functional.estimators import _gaussian_draws
 from lightning_curvprobe.functional.hvp import HVP_KINDS, LossFn, ModelFunction
 from lightning_curvprobe.functional.probe import _collect_statistics, _evaluate, _projected_hessian, _Statistics
-from lightning_curvprobe.functional.sharded import ShardedFunction, is_fully_sharded, sharded_statistics, share_of
+from lightning_curvprobe.functional.sharded import (
+    RowShardedFunction,
+    ShardedFunction,
+    is_fully_sharded,
+    sharded_statistics,
+    share_of,
+)
 
 _SUM_STATES = (
     "base_loss_sum",
@@ -156,6 +162,7 @@ class CurvatureStability(Metric):
         *,
         base_loss: Tensor | None = None,
         base_grad: Tensor | None = None,
+        function: ShardedFunction | RowShardedFunction | None = None,
     ) -> None:
         r"""Add this process's base samples and added samples, probed in the subspace ``eigenvectors``.
 
@@ -171,11 +178,15 @@ class CurvatureStability(Metric):
                 refresh).
             base_loss: this process's mean loss on ``base_batch``, if already known (saves a pass).
             base_grad: its gradient (flat, length ``N``), if already known.
+            function: the model as a function of this process's rows of the parameter vector, when ``eigenvectors``
+                holds only those rows: a :class:`~lightning_curvprobe.functional.sharded.RowShardedFunction` for a
+                replicated (DDP) model (a ``fully_shard``-ed model gets its own
+                :class:`~lightning_curvprobe.functional.sharded.ShardedFunction`).
 
         A model with sharded parameters (FSDP2 ``fully_shard``) is probed on its shards (see
         :mod:`~lightning_curvprobe.functional.sharded`): ``eigenvectors`` then holds this process's rows of ``U``,
         ``added_batch`` must be the same on every process, every process must call ``update`` together, and
-        ``base_loss`` / ``base_grad`` are not used.
+        ``base_loss`` / ``base_grad`` are not used. The same holds with ``function``.
         """
         if eigenvectors.dim() != 2 or eigenvectors.shape[1] != self.num_eigenvectors:
             raise ValueError(
@@ -183,8 +194,9 @@ class CurvatureStability(Metric):
             )
         projected = _projected_hessian(eigenvalues, self.num_eigenvectors)  # checked before anything is drawn
         self._draws(eigenvectors)
-        if is_fully_sharded(model):
-            stats = self._sharded_statistics(model, loss_fn, base_batch, added_batch, eigenvectors, projected)
+        if function is not None or is_fully_sharded(model):
+            fn = function if function is not None else ShardedFunction(model, loss_fn)
+            stats = self._sharded_statistics(fn, base_batch, added_batch, eigenvectors, projected)
         else:
             stats = self._statistics(
                 model, loss_fn, base_batch, added_batch, eigenvectors, projected, base_loss, base_grad
@@ -221,15 +233,13 @@ class CurvatureStability(Metric):
 
     def _sharded_statistics(
         self,
-        model: nn.Module,
-        loss_fn: LossFn,
+        fn: ShardedFunction | RowShardedFunction,
         base_batch: Any,
         added_batch: Any,
         eigenvectors: Tensor,
         projected: Tensor,
     ) -> _Statistics:
         """Global statistics of a sharded model, cut to this process's share (the sync adds the shares up)."""
-        fn = ShardedFunction(model, loss_fn)
         op = fn.operator(base_batch, scale=fn.share(base_batch), where="the base samples")
         stats = sharded_statistics(
             fn, op, base_batch, added_batch, eigenvectors, projected, direct_z=self._direct_z, qe_z=self._qe_z

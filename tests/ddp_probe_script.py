@@ -1,7 +1,8 @@
 """Run by tests/test_integration.py in a subprocess: a 2-process CPU DDP fit with the callback.
 
 Lightning's DDP launcher re-executes this script for rank 1, so it must be a standalone script (not pytest).
-Usage: python tests/ddp_probe_script.py OUT_DIR [ESTIMATOR] [nan-added-rank1]
+Usage: python tests/ddp_probe_script.py OUT_DIR [ESTIMATOR] [nan-added-rank1 | by-rows | reuse ...]
+``reuse``: 3 epochs refreshing every 2nd (the middle one reuses the kept subspace).
 With ``nan-added-rank1`` the target of an added sample that only rank 1 holds is NaN (its loss is not finite there).
 Each rank writes OUT_DIR/rank{r}.pt with its logged history, the probe's subspace and the final weights.
 """
@@ -28,6 +29,10 @@ def main() -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     train, probe = make_regression()
+    if "by-rows" in sys.argv[3:]:  # measure on each rank's rows of U (the path of many ranks) instead of gathering U
+        import lightning_curvprobe._sharding
+
+        lightning_curvprobe._sharding.ROW_MEASUREMENT = "always"
     if len(sys.argv) > 3 and sys.argv[3] == "nan-added-rank1":
         probe[1][17] = float("nan")  # added samples 16..19: rank r holds 16 + r and 18 + r
     model = TinyRegressor()
@@ -41,13 +46,14 @@ def main() -> None:
         probe_data=probe,
         tol=1e-10,
         loss_fn=TinyRegressor.mean_loss,
+        refresh_every_n_epochs=2 if "reuse" in sys.argv[3:] else 1,
     )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         precision="64-true",
-        max_epochs=2,
+        max_epochs=3 if "reuse" in sys.argv[3:] else 2,
         callbacks=[cb],
         logger=False,
         enable_checkpointing=False,
@@ -65,6 +71,7 @@ def main() -> None:
             "saved_basis": saved["basis"],
             "basis_rows": saved["basis_rows"],
             "eigenvalues": cb._eigenvalues,
+            "by_rows": cb._by_rows,
             "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "world": trainer.world_size,
         },

@@ -72,7 +72,7 @@ def _run_ddp_script(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess[s
 @pytest.mark.ddp
 def test_ddp_two_ranks_agree_with_single_process(tmp_path):
     _, r0, r1 = _run_ddp_script(tmp_path)
-    assert r0["world"] == 2
+    assert r0["world"] == 2 and not r0["by_rows"]  # 2 ranks gather the D kept vectors
     # each rank holds its rows of the subspace (97 parameters: 48 + 49); the checkpoint gathers them on rank 0
     assert r0["basis_rows"] == [48, 49] and r0["basis"].shape[0] == 48 and r1["basis"].shape[0] == 49
     assert torch.equal(r0["saved_basis"], torch.cat([r0["basis"], r1["basis"]])) and r1["saved_basis"] is None
@@ -103,6 +103,22 @@ def test_ddp_two_ranks_agree_with_single_process(tmp_path):
     # the rows of the two ranks make up the single process's eigenvectors
     U = torch.cat([r0["basis"], r1["basis"]])[:, :4]
     torch.testing.assert_close(U, ref.eigenvectors, rtol=0, atol=1e-8)
+
+
+@pytest.mark.ddp
+def test_ddp_measuring_on_rows_equals_gathering(tmp_path):
+    """Many ranks measure on their rows of U with all added samples taken together (forced here on 2): refresh,
+    reuse and refresh again give what gathering U gives."""
+    (tmp_path / "gather").mkdir()
+    (tmp_path / "rows").mkdir()
+    _, g0, _ = _run_ddp_script(tmp_path / "gather", "direct_mc", "reuse")
+    _, r0, r1 = _run_ddp_script(tmp_path / "rows", "direct_mc", "reuse", "by-rows")
+    assert r0["by_rows"] and not g0["by_rows"]
+    assert len(r0["history"]) == 3 and r0["history"][1]["hvps"] == 0  # the middle probe reused the subspace
+    for h_rows, h_gather, h1 in zip(r0["history"], g0["history"], r1["history"], strict=True):
+        for key in ("delta2", "delta1", "lambda_max", "quadratic_error", "delta2_stderr", "subspace_overlap"):
+            assert h_rows[key] == pytest.approx(h_gather[key], rel=1e-9, nan_ok=True), key
+            assert h_rows[key] == h1[key] or (math.isnan(h_rows[key]) and math.isnan(h1[key])), key
 
 
 @pytest.mark.ddp

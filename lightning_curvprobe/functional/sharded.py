@@ -23,7 +23,7 @@ taken by all processes together (FSDP's collectives need every process in every 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +32,9 @@ from torch import Tensor, nn
 
 from lightning_curvprobe.functional._batch import _batch_size, _slice_batch
 from lightning_curvprobe.functional.hvp import (
+    HessianOperator,
     LossFn,
+    ModelFunction,
     NonFiniteProbeError,
     _check_depends,
     _check_loss,
@@ -297,8 +299,8 @@ class ShardedHessianOperator:
 
 
 def sharded_statistics(
-    fn: ShardedFunction,
-    op: ShardedHessianOperator,
+    fn: ShardedFunction | RowShardedFunction,
+    op: ShardedHessianOperator | RowShardedOperator,
     base_batch: Any,
     added_batch: Any,
     eigenvectors: Tensor,
@@ -456,3 +458,154 @@ def sharded_preflight(fn: ShardedFunction, base_batch: Any, *, seed: int = 0) ->
     return PreflightReport(
         hvp_kind="finite_difference", fallback_reason=reason, mean_ratio=float("nan"), difference_warning=warning
     )
+
+
+class RowShards:
+    """The flat parameter vector's rows split evenly over the processes of a data-parallel run (DDP).
+
+    Under DDP every process holds all parameters but only rows ``rows[0]:rows[1]`` of the eigensolver's basis and of
+    the kept subspace, so their memory per process falls by the number of processes. A product gathers the block's
+    rows from all processes (``N · b`` numbers), applies the all-reduced Hessian and keeps this process's rows; the
+    measurement gathers the ``D`` kept vectors (``N · D`` numbers, for the time of the probe).
+
+    Args:
+        n: ``N``, the number of trainable parameters.
+        device: where the collectives run (the model's device).
+    """
+
+    group = None  # the default process group
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        bounds = [n * r // self.world for r in range(self.world + 1)]
+        self.row_counts = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        self.rows = (bounds[self.rank], bounds[self.rank + 1])
+        self.global_num_params = n
+        self.device = device
+
+    def reduce(self, tensor: Tensor) -> Tensor:
+        """Sum over the processes, in place; returns ``tensor``."""
+        dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, local: Tensor) -> Tensor:
+        """All rows ``(N, b)`` from every process's ``(rows, b)`` block (collective)."""
+        block = local.reshape(local.shape[0], -1).to(self.device)
+        width = max(self.row_counts)
+        padded = block.new_zeros(width, block.shape[1])
+        padded[: block.shape[0]] = block
+        parts = [torch.empty_like(padded) for _ in self.row_counts]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:c] for p, c in zip(parts, self.row_counts, strict=True)])
+
+    def matvec(self, op: HessianOperator) -> Callable[[Tensor], Tensor]:
+        """``op`` (all-reduced, on all rows) as an operator on this process's rows, one gathered vector at a time."""
+        lo, hi = self.rows
+
+        def apply(block: Tensor) -> Tensor:
+            cols = block.reshape(hi - lo, -1)
+            out = torch.empty_like(cols)
+            for j in range(cols.shape[1]):
+                out[:, j] = op.matvec(self.gather(cols[:, j]))[lo:hi, 0].to(out)
+            return out.reshape(block.shape)
+
+        return apply
+
+    def eigensolve(self, op: HessianOperator, k: int, **kwargs: Any) -> Any:
+        """``top_eigenpairs`` of the (all-reduced) operator ``op`` with this process's rows of the basis."""
+        lo, hi = self.rows
+        fn = op.fn
+
+        def matvec(block: Tensor) -> Tensor:
+            return op.matvec(self.gather(block))[lo:hi].clone().reshape(block.shape)
+
+        from lightning_curvprobe.functional.lanczos import top_eigenpairs
+
+        with _probe_mode(fn.model):
+            return top_eigenpairs(
+                matvec,
+                self.global_num_params,
+                k,
+                dtype=fn.dtype,
+                device=fn.device,
+                rows=self.rows,
+                reduce_fn=self.reduce,
+                **kwargs,
+            )
+
+
+class RowShardedFunction:
+    """A replicated (DDP) model's loss as a function of this process's rows of its flat parameter vector.
+
+    The same interface as :class:`ShardedFunction`, so that :func:`sharded_statistics` measures with only this
+    process's rows of ``U``: a point ``w0 + U z`` is gathered (``N`` numbers) and evaluated with the model's own
+    :class:`~lightning_curvprobe.functional.hvp.ModelFunction` (autograd products where the model has them).
+
+    Args:
+        fn: the model as a function of all its parameters.
+        shards: the processes' rows.
+    """
+
+    def __init__(self, fn: ModelFunction, shards: RowShards) -> None:
+        self.fn, self.shards = fn, shards
+        self.model, self.dtype, self.device = fn.model, fn.dtype, fn.device
+        self.hvp_kind, self.fallback_reason = fn.hvp_kind, fn.fallback_reason
+        self.rank, self.world, self.rows = shards.rank, shards.world, shards.rows
+        self.num_params = shards.rows[1] - shards.rows[0]
+        self.global_num_params = shards.global_num_params
+
+    def reduce(self, tensor: Tensor) -> Tensor:
+        """Sum over the processes, in place; returns ``tensor``."""
+        return self.shards.reduce(tensor)
+
+    def share(self, batch: Any) -> float:
+        """This process's share ``k_local / k`` of the samples that the processes pass together (collective)."""
+        k_local = _batch_size(batch, "base_batch")
+        k = float(self.reduce(torch.tensor([float(k_local)], dtype=torch.float64, device=self.device))[0])
+        return k_local / k
+
+    def current(self) -> Tensor:
+        """This process's rows of the current parameters."""
+        lo, hi = self.rows
+        return self.fn.current()[lo:hi].clone()
+
+    def loss(self, w: Tensor, batch: Any, *, scale: float = 1.0, where: str = "the probe batch") -> Tensor:
+        """This process's scaled loss at the point whose rows are ``w`` (collective: the point is gathered)."""
+        full = self.shards.gather(w)[:, 0]
+        with torch.no_grad():
+            return _check_loss(self.fn.loss(full, self.fn.prepare(batch)), where).detach() * scale
+
+    def operator(
+        self, batch: Any, *, scale: float = 1.0, replicated: bool = False, where: str = "the probe batch"
+    ) -> RowShardedOperator:
+        """The Hessian operator of the batch on this process's rows (see :class:`RowShardedOperator`)."""
+        return RowShardedOperator(self, batch, scale=scale, replicated=replicated, where=where)
+
+
+class RowShardedOperator:
+    """A replicated model's Hessian operator on this process's rows: the global loss, its gradient's rows, products.
+
+    With ``replicated`` every process passes the same batch and computes the same values (no reduction); otherwise
+    each passes its own share, scaled by ``scale``, and the loss, gradient and products are all-reduced.
+    """
+
+    def __init__(self, rfn: RowShardedFunction, batch: Any, *, scale: float, replicated: bool, where: str) -> None:
+        from lightning_curvprobe.functional.hvp import HessianOperator
+
+        self.fn = rfn
+        reduce_fn = None if replicated else rfn.shards.reduce
+        self.op = HessianOperator(rfn.fn, batch, scale=1.0 if replicated else scale, reduce_fn=reduce_fn, where=where)
+        lo, hi = rfn.rows
+        self.loss = self.op.loss
+        self.gradient = self.op.gradient[lo:hi].clone()
+        self.kind = self.op.kind
+        self._apply = rfn.shards.matvec(self.op)
+
+    @property
+    def num_hvps(self) -> int:
+        """Products applied so far."""
+        return self.op.num_hvps
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """This process's rows of ``H v`` for ``v`` given by its rows (collective)."""
+        return self._apply(v)
