@@ -56,10 +56,11 @@ def two_ranks(tmp_path_factory):
                 mats[kind] = script.make_matrix(kind)
             warm = refs["cold_b1"][0].basis if name == "warm" else None
             refs[name] = script.solve(mats[kind], k, kw, warm_start=warm)
-        # block_size > 1: the unsharded start block is drawn row-major; a single process with rows=(0, n) draws it
-        # column by column like the sharded processes
-        kind, k, kw = script.CASES["block3"]
-        refs["block3_rows"] = script.solve(mats[kind], k, kw, rows=(0, script.N), reduce_fn=lambda t: None)
+            # one process given rows=(0, n): the sharded code path with every row (the same start vectors)
+            warm = refs["cold_b1_rows"][0].basis if name == "warm" else None
+            refs[name + "_rows"] = script.solve(
+                mats[kind], k, kw, rows=(0, script.N), reduce_fn=lambda t: None, warm_start=warm
+            )
     finally:
         torch.set_num_threads(threads)
     for proc in procs:
@@ -96,15 +97,18 @@ def test_two_gloo_ranks_match_one_process(two_ranks, case):
     assert bool((a["residuals"] <= tol * theta.abs()).all())
     assert bool((true_res <= 2 * tol * theta.abs() + 1e-13).all()), true_res
     torch.testing.assert_close(a["residuals"], ref.residuals, rtol=0, atol=tol * float(theta[0]))
-    # the start vectors: with one random column the union of the ranks' rows is the single-process start
+    # the start vectors (normalised; the raw draws are bitwise equal, test_random_start_block_...): the start of one
+    # process, sharded code path (rows=(0, n)) or not; from there the same path, the sums over rows aside (split over
+    # the processes)
+    ref_rows, rows_first = refs[case + "_rows"]
     first = torch.cat([a["first"], b["first"]])
-    if case == "block3":
-        ref_rows, rows_first = refs["block3_rows"]
+    if case != "warm":
         torch.testing.assert_close(first, rows_first, rtol=0, atol=1e-14)
-        assert a["hvps"] == ref_rows.hvps
-    elif case != "warm":
         torch.testing.assert_close(first, ref_first, rtol=0, atol=1e-14)
-        assert a["hvps"] == ref.hvps  # the same start and rounding-level differences: the same path
+        assert a["hvps"] == ref.hvps
+    assert (a["hvps"], a["restarts"]) == (ref_rows.hvps, ref_rows.restarts)
+    torch.testing.assert_close(a["eigenvalues"], ref_rows.eigenvalues, rtol=1e-12, atol=0)
+    assert float((U - ref_rows.eigenvectors).abs().max()) <= 1e-10
     if case == "restarts":
         assert a["restarts"] > 5
     if case == "basis_device":  # the same solve as cold_b1
@@ -222,14 +226,21 @@ def test_three_simulated_ranks_match_one_process(dtype):
         )
 
     ref = solve()
+    whole = solve((0, n), lambda t: None, lambda x: x)  # one process, the sharded code path
     g = _Threads(3)
     got = g.run(lambda r: solve(ranges[r], g.reduce(r), g.gather(r)))
     for res in got:
         assert not isinstance(res, Exception), res
         assert torch.equal(res.eigenvalues, got[0].eigenvalues) and res.hvps == got[0].hvps
+    U = torch.cat([res.eigenvectors for res in got])
+    # against one process given rows=(0, n): the same start, sums over rows split otherwise
+    assert got[0].hvps == whole.hvps
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got[0].eigenvalues, whole.eigenvalues, rtol=rtol, atol=0)
+    assert float((U - whole.eigenvectors).abs().max()) <= (1e-10 if dtype == torch.float64 else 1e-3)
+    # against the unsharded solver (the same start vector, other reductions): within the tolerance
     rtol = 1e-10 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got[0].eigenvalues, ref.eigenvalues, rtol=rtol, atol=0)
-    U = torch.cat([res.eigenvectors for res in got])
     assert float((U - ref.eigenvectors).abs().max()) <= (1e-8 if dtype == torch.float64 else 1e-3)
 
 
@@ -266,6 +277,14 @@ def test_rows_covering_every_row_in_one_process_matches_unsharded():
     assert res.hvps == ref.hvps and res.restarts == ref.restarts
     torch.testing.assert_close(res.eigenvalues, ref.eigenvalues, rtol=1e-12, atol=0)
     torch.testing.assert_close(res.eigenvectors, ref.eigenvectors, rtol=0, atol=1e-9)
+    # the generator ends where the unsharded solver leaves it (the probe's later draws come from it)
+    assert torch.equal(kw["generator"].get_state(), ref_state(5, n, 1))
+
+
+def ref_state(seed: int, n: int, b: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    torch.randn(n, b, generator=g, dtype=DT)
+    return g.get_state()
 
 
 # ---------------------------------------------------------------------------------------------- argument checks
@@ -301,23 +320,41 @@ def test_rows_accept_integer_types():
     assert res.eigenvectors.shape == (6, 2)
 
 
-def test_random_start_columns_drawn_over_every_row():
-    """The raw start block: with one column the union of the ranks' rows is the unsharded draw, bit for bit; with
-    ``b`` columns each is a draw of ``n`` numbers, in turn."""
-    from lightning_curvprobe.functional.lanczos import _Lanczos
+@pytest.mark.parametrize("n", [50, 2 * 65536 + 100, 2 * 65536 + 5, 3 * 65536])
+def test_random_start_block_drawn_in_chunks(monkeypatch, n):
+    """The raw start block: its ``n · b`` numbers drawn from the generator in chunks, each rank keeping its rows'. The
+    union over the ranks is, bit for bit, the unsharded draw ``randn(n, b)``, whatever the partition; the generator
+    ends in the same state, and no draw is larger than one chunk."""
+    from lightning_curvprobe.functional import lanczos
+    from lightning_curvprobe.functional.lanczos import _RANDOM_CHUNK, _Lanczos
 
-    n, ranges = 50, [(0, 13), (13, 14), (14, 50)]
+    cuts = sorted({0, 13, 14, 65536 - 1, 65536, 65536 + 1, 2 * 65536 - 1, n - 1, n} & set(range(n + 1)))
+    partitions = [[(0, n)], list(zip(cuts[:-1], cuts[1:], strict=True)), [(0, n // 3), (n // 3, n)]]
+    sizes = []
+    randn = torch.randn
 
-    def block(rows, b, seed=3):
+    def recorded(*args, **kwargs):
+        out = randn(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    def block(rows, b, dtype=DT, seed=3):
         solver = object.__new__(_Lanczos)
-        solver.n, solver.rows, solver.dtype, solver.device = n, rows, DT, torch.device("cpu")
+        solver.n, solver.rows, solver.dtype, solver.device = n, rows, dtype, torch.device("cpu")
         solver.generator = torch.Generator().manual_seed(seed)
-        return solver._random_block(b)
+        return solver._random_block(b), solver.generator
 
-    assert torch.equal(torch.cat([block(r, 1) for r in ranges]), block(None, 1))
-    g = torch.Generator().manual_seed(3)
-    expected = torch.stack([torch.randn(n, generator=g, dtype=DT) for _ in range(3)], dim=1)
-    assert torch.equal(torch.cat([block(r, 3) for r in ranges]), expected)
+    for b in (1, 3):
+        ref, ref_gen = block(None, b)
+        monkeypatch.setattr(lanczos.torch, "randn", recorded)
+        for ranges in partitions:
+            parts = [block(r, b) for r in ranges]
+            assert torch.equal(torch.cat([p for p, _ in parts]), ref)
+            assert all(torch.equal(g.get_state(), ref_gen.get_state()) for _, g in parts)
+        monkeypatch.setattr(lanczos.torch, "randn", randn)
+    assert sizes and max(sizes) <= _RANDOM_CHUNK + 15
+    # float32: the float64 draw rounded, as the unsharded path does
+    assert torch.equal(torch.cat([block(r, 2, torch.float32)[0] for r in partitions[-1]]), block(None, 2)[0].float())
 
 
 def test_non_finite_product_on_one_rank_raises_on_every_rank():

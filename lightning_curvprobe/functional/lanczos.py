@@ -50,8 +50,13 @@ Row-sharded (``rows=(lo, hi)``, ``reduce_fn``): each of several processes holds 
 its basis is ``max_basis · (hi - lo)`` numbers. Every sum over rows (the inner products with the basis, the Gram
 matrices of the orthonormalisations, the norms) is the process's share summed over the processes by ``reduce_fn``:
 one call per inner-product block, with the norms that the same step needs alongside (about three calls per product
-in plain Lanczos), so every process holds the same projected matrices and takes the same decisions. A random start
-column is drawn over all ``n`` rows (one transient vector of ``n``) and each process keeps its rows.
+in plain Lanczos), so every process holds the same projected matrices and takes the same decisions. The random start
+block is drawn from ``generator`` in chunks of :data:`_RANDOM_CHUNK` numbers, each process keeping the
+numbers of its rows: the transient is one chunk (65536 numbers), not a vector of ``n`` (80 GB in float64 at
+n = 10^10). Every process draws every chunk (about 25 M numbers/s from a CPU generator, so 400 s per column at
+n = 10^10, O(n) time as before), which leaves ``generator`` where the unsharded solver leaves it: the probe's later
+draws from it (its Monte Carlo samples) are the unsharded probe's. The union of the processes' start vectors does not
+depend on the partition, and with a CPU generator it is the unsharded start, bit for bit.
 
 Work outside the products, per step: two passes over the basis (the inner products as one matrix-vector product per
 row block, and the subtraction), a few over the new vector. The inner products of a float32 basis are summed over row
@@ -64,7 +69,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +96,7 @@ _DGKS = 1 / math.sqrt(2)
 _ALWAYS_TWICE = False  # True: the second pass every time (the benchmarks compare both)
 _RITZ_EVERY_STEP = False  # True: the Ritz pairs at every step, also where no decision needs them (tests compare)
 _RANK_PARTS = 256  # sharded: sub-ranges per round when the processes find their order from their row ranges
+_RANDOM_CHUNK = 1 << 16  # sharded random start: numbers drawn per call (a multiple of 16, see _random_chunks)
 
 
 @dataclass
@@ -284,6 +290,24 @@ def _sqnorms64(X: Tensor) -> Tensor:
         c = X[r0 : r0 + _ROW_CHUNK].to(torch.float64)
         out += (c * c).sum(dim=0)
     return out
+
+
+def _random_chunks(total: int, generator: torch.Generator) -> Iterator[tuple[int, Tensor]]:
+    """``torch.randn(total, dtype=float64, generator=generator)`` in pieces: ``(offset, piece)`` pairs, in order.
+
+    Pieces of :data:`_RANDOM_CHUNK` numbers, the last one at least 16 long (a short remainder joins the piece before
+    it), so at most ``_RANDOM_CHUNK + 15`` numbers at a time. ``generator`` advances as under the single draw. For a
+    CPU generator the pieces are also, bit for bit, the single draw's values (PyTorch fills a normal tensor of 16 or
+    more numbers in blocks of 16, redrawing the last 16 when the size is not a multiple of 16: pieces of a multiple of
+    16, the last one at least 16 long, draw the same numbers in the same order; checked by the tests).
+    """
+    pos = 0
+    while pos < total:
+        m = min(_RANDOM_CHUNK, total - pos)
+        if total - pos - m < 16:
+            m = total - pos
+        yield pos, torch.randn(m, generator=generator, dtype=torch.float64, device=generator.device)
+        pos += m
 
 
 def _shard_layout(lo: int, hi: int, n: int, reduce: Reduce, device: torch.device) -> tuple[int, int]:
@@ -518,11 +542,11 @@ def top_eigenpairs(
             ``matvec`` then gets and returns local rows, ``warm_start`` is given as local rows ``(hi - lo, w)``, and the
             returned ``eigenvectors`` and ``basis`` are local rows. Every process must call collectively, with the same
             arguments (bar ``rows``, ``warm_start`` and ``matvec``) and the same ``generator`` state. The memory per
-            process is ``max_basis · (hi - lo)`` numbers (the basis) plus a few vectors of ``hi - lo``, and transient
-            vectors of ``n`` for the random start: each random column is drawn over all ``n`` rows, one at a time, and
-            this process keeps its rows, so that the union of the processes' start vectors is the one a single
-            process draws (with ``block_size > 1`` a single process draws its ``(n, b)`` start block row-major, so the
-            sharded start block equals the one of a single process given ``rows=(0, n)``, not the unsharded one).
+            process is ``max_basis · (hi - lo)`` numbers (the basis) plus a few vectors of ``hi - lo``; the random
+            start block's ``n · b`` numbers are drawn from ``generator`` in chunks of 65536 (each process draws them
+            all and keeps its rows': a transient of one chunk, never a vector of ``n``), so the union of the
+            processes' start vectors does not depend on the partition, ``generator`` ends where the unsharded solver
+            leaves it, and with a CPU generator the start is the unsharded one, bit for bit.
         reduce_fn: required with ``rows``: sums a tensor over the processes, in place (returning None) or returning the
             sum, e.g. ``torch.distributed.all_reduce``; every process must obtain the same values. It gets small
             contiguous float64 tensors on ``basis_device`` (a backend that cannot reduce there, e.g. NCCL with the
@@ -702,12 +726,17 @@ class _Lanczos:
         if self.rows is None:
             x = torch.randn(self.n, b, generator=g, dtype=torch.float64, device=g.device)
             return x.to(device=self.device, dtype=self.dtype)
-        # sharded: each column drawn over all n rows (one transient vector of n), this process's rows kept
+        # sharded: the (n, b) block's n · b numbers (row-major) drawn from the generator chunk by chunk, each process
+        # keeping those of its rows (a transient of one chunk, never n; see _random_chunks)
         lo, hi = self.rows
-        out = torch.empty(hi - lo, b, dtype=self.dtype, device=self.device)
-        for j in range(b):
-            out[:, j] = torch.randn(self.n, generator=g, dtype=torch.float64, device=g.device)[lo:hi]
-        return out
+        b_lo, b_hi = lo * b, hi * b
+        out = torch.empty((hi - lo) * b, dtype=self.dtype, device=self.device)
+        for f0, x in _random_chunks(self.n * b, g):
+            f1 = f0 + x.shape[0]
+            if f1 > b_lo and f0 < b_hi:
+                r0, r1 = max(f0, b_lo), min(f1, b_hi)
+                out[r0 - b_lo : r1 - b_lo] = x[r0 - f0 : r1 - f0]
+        return out.view(hi - lo, b)
 
     def _admit(self, column: Callable[[int], Tensor], count: int) -> int:
         """Orthonormalise ``count`` columns against the basis and append them as pending; returns how many were kept.
