@@ -54,7 +54,7 @@ from torch import nn  # noqa: E402
 
 from lightning_curvprobe.functional.hvp import HessianOperator, ModelFunction, _probe_mode  # noqa: E402
 from lightning_curvprobe.functional.lanczos import _basis_capacity, _default_num_extra, top_eigenpairs  # noqa: E402
-from lightning_curvprobe.functional.sharded import ShardedFunction, sharded_eigensolve  # noqa: E402
+from lightning_curvprobe.functional.sharded import RowShards, ShardedFunction, sharded_eigensolve  # noqa: E402
 
 SAMPLES = 32
 DOUT = 16
@@ -167,8 +167,6 @@ def worker(rank: int, setup: str, world: int, port: int, cfg: dict, out_dir: str
                 return top_eigenpairs(op.matvec, n_global, cfg["D"], dtype=fn.dtype, device=fn.device, **kw)
 
     elif setup == "DDP rows":
-        from lightning_curvprobe._sharding import RowShards  # imports Lightning (seconds): only where it is used
-
         fn = ModelFunction(model, mse)
         shards = RowShards(fn.num_params, fn.device)
         op = HessianOperator(fn, batch, scale=per / SAMPLES, reduce_fn=shards.reduce)
@@ -372,8 +370,7 @@ def main() -> None:
     print(
         f"\nper process, P processes (N floats): unsharded {cap} + 3 + 2 = {cap + 5}; DDP rows ({cap} + 2) / P + 4 "
         f"(the gathered block and the autograd product are whole-N terms); FSDP2 ({cap} + 7) / P + 2 x {L:.3f} "
-        "(largest layer); and, before the basis fills, the sharded random start draws one float64 column over all N "
-        "rows (2 N floats per process, under any P)"
+        "(largest layer)"
     )
     ref = first["eigenvalues"]
     print("\neigenvalues (unsharded):", " ".join(f"{v:.6g}" for v in ref))
