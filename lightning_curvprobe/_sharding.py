@@ -8,12 +8,17 @@ own rows. On restore every process reads the whole subspace and keeps its rows.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from torch import Tensor
 
-from lightning_curvprobe.functional.sharded import RowShards, ShardedFunction
+from lightning_curvprobe.functional.hvp import ModelFunction
+from lightning_curvprobe.functional.lanczos import EigenResult
+from lightning_curvprobe.functional.probe import _eigensolve
+from lightning_curvprobe.functional.sharded import RowShardedFunction, RowShards, ShardedFunction
 
 
 def gather_rows(local: Tensor, shards: ShardedFunction | RowShards) -> Tensor | None:
@@ -75,3 +80,89 @@ def measures_by_rows(num_eigenvectors: int, max_basis: int, world: int) -> bool:
 
 #: ``"auto"`` (see :func:`measures_by_rows`), ``"always"`` or ``"never"`` (tests force either path).
 ROW_MEASUREMENT = "auto"
+
+
+class SubspaceRows:
+    """Which rows of the subspace this process holds, and the steps of a probe that depend on it.
+
+    One process holds all rows. Under DDP each holds an even share (:class:`RowShards`); the measurement gathers the
+    ``D`` kept vectors, or with many processes (:func:`measures_by_rows`) works on the rows too. Under FSDP2 each
+    holds the rows of its own parameter shards (:class:`ShardedFunction`).
+    """
+
+    def __init__(self) -> None:
+        self.shards: ShardedFunction | RowShards | None = None
+        self.by_rows = False
+        self._restored: tuple[Tensor, list[int] | None] | None = None
+
+    def restore(self, basis: Tensor | None, row_counts: list[int] | None) -> Tensor | None:
+        """A checkpoint's subspace; returns the basis to use until :meth:`adopt`.
+
+        Without ``row_counts`` its rows are in parameter order (one process or DDP, any number of processes): it is
+        returned whole. With them (a sharded model's rows, process by process) it waits for :meth:`adopt`.
+        """
+        self._restored = None if basis is None or row_counts is None else (basis, row_counts)
+        return basis if row_counts is None else None
+
+    def adopt(self, shards: ShardedFunction | RowShards | None, basis: Tensor | None) -> tuple[Tensor | None, bool]:
+        """From now on this process holds ``shards``' rows (all rows for None).
+
+        Returns the kept basis' rows, and whether a restored one had to be dropped (saved with another layout).
+        """
+        self.shards = shards
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            rows = None if shards is None else take_rows(*restored, shards)
+            return rows, rows is None
+        if basis is not None and isinstance(shards, RowShards) and basis.shape[0] == shards.global_num_params:
+            lo, hi = shards.rows
+            return basis[lo:hi].clone(), False
+        return basis, False
+
+    def num_rows(self, fn: ModelFunction | ShardedFunction) -> int:
+        """This process's rows of the subspace (a DDP layout follows a change of the trainable set)."""
+        if isinstance(self.shards, RowShards) and self.shards.global_num_params != fn.num_params:
+            self.shards = RowShards(fn.num_params, fn.device)  # the same change on every process
+        return fn.num_params if not isinstance(self.shards, RowShards) else self.shards.rows[1] - self.shards.rows[0]
+
+    @property
+    def row_counts(self) -> list[int] | None:
+        """Every process's rows when they are a sharded model's (None when in parameter order)."""
+        return self.shards.row_counts if isinstance(self.shards, ShardedFunction) else None
+
+    def eigensolve(self, op: Any, k: int, **kwargs: Any) -> EigenResult:
+        """The refresh's eigensolve with this process's rows of the basis."""
+        if isinstance(self.shards, RowShards):
+            return self.shards.eigensolve(op, k, **kwargs)  # type: ignore[no-any-return]
+        return _eigensolve(op, k, **kwargs)
+
+    def reduce(self, tensor: Tensor, device: torch.device) -> Tensor:
+        """A sum over rows from this process's part (unchanged in one process)."""
+        return tensor if self.shards is None else self.shards.reduce(tensor.to(device))
+
+    def measured(self, U: Tensor) -> Tensor:
+        """``U`` as the measurement takes it: gathered under DDP unless measuring on the rows."""
+        return self.shards.gather(U) if isinstance(self.shards, RowShards) and not self.by_rows else U
+
+    def whole(self, U: Tensor) -> Tensor:
+        """All rows of the measured ``U`` (for ``sigma="auto"``, which probes full vectors)."""
+        return self.shards.gather(U) if isinstance(self.shards, RowShards) and self.by_rows else U
+
+    def projected(self, op: Any, U: Tensor) -> Tensor:
+        """``U^T H U`` (symmetrised) for the measured ``U``: ``D`` products."""
+        by_rows = isinstance(self.shards, RowShards) and self.by_rows
+        HU = (self.shards.matvec(op) if by_rows else op.matvec)(U)  # type: ignore[union-attr]
+        P = U.T @ HU
+        if by_rows or isinstance(self.shards, ShardedFunction):
+            P = self.shards.reduce(P)  # type: ignore[union-attr]
+        return 0.5 * (P + P.T)
+
+    def function(self, fn: Any) -> RowShardedFunction | None:
+        """The row-sharded function the measurement needs under DDP on rows (None otherwise)."""
+        return RowShardedFunction(fn, self.shards) if isinstance(self.shards, RowShards) and self.by_rows else None
+
+    def saved(self, basis: Tensor | None) -> Tensor | None:
+        """The subspace for a checkpoint: all rows on process 0 (collective with several processes)."""
+        if basis is None:
+            return None
+        return basis.cpu() if self.shards is None else gather_rows(basis, self.shards)

@@ -43,21 +43,14 @@ from lightning_curvprobe._probe_data import (
     user_state_kept,
 )
 from lightning_curvprobe._schedule import ProbeSchedule, no_validation_reason
-from lightning_curvprobe._sharding import check_strategy, gather_rows, measures_by_rows, take_rows
+from lightning_curvprobe._sharding import SubspaceRows, check_strategy, measures_by_rows
 from lightning_curvprobe._signals import SIGNAL_KEYS, explain
 from lightning_curvprobe.functional._batch import _batch_size, _cast_batch
 from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
 from lightning_curvprobe.functional.hvp import HVP_KINDS, HessianOperator, ModelFunction, NonFiniteProbeError
 from lightning_curvprobe.functional.lanczos import EigenResult, _default_num_extra
 from lightning_curvprobe.functional.preflight import preflight
-from lightning_curvprobe.functional.probe import _eigensolve
-from lightning_curvprobe.functional.sharded import (
-    RowShardedFunction,
-    RowShards,
-    ShardedFunction,
-    is_fully_sharded,
-    sharded_preflight,
-)
+from lightning_curvprobe.functional.sharded import RowShards, ShardedFunction, is_fully_sharded, sharded_preflight
 from lightning_curvprobe.metric import CurvatureStability
 
 Estimator = Literal["gaussian_moment", "quadratic_mc", "direct_mc"]
@@ -248,9 +241,7 @@ class CurvatureStabilityCallback(Callback):
         # runtime state
         self._generator = torch.Generator().manual_seed(seed)
         self._basis: Tensor | None = None  # (N, D + p) from the last refresh, warm start of the next
-        self._shards: ShardedFunction | RowShards | None = None  # with processes: _basis holds this one's rows
-        self._by_rows = False  # DDP: the measurement on this process's rows of U (see measures_by_rows)
-        self._basis_restored: tuple[Tensor, list[int] | None] | None = None  # all rows, from a checkpoint
+        self._rows = SubspaceRows()  # with several processes _basis holds this one's rows
         self._eigenvalues: Tensor | None = None
         self._probe_indices: list[int] | None = None
         self._base: Any = None
@@ -474,28 +465,18 @@ class CurvatureStabilityCallback(Callback):
             ),
             "the base samples",
         )
-        if isinstance(self._shards, RowShards) and self._shards.global_num_params != fn.num_params:
-            self._shards = RowShards(fn.num_params, fn.device)  # the trainable set changed on every process
-        rows = fn.num_params if self._shards is None else self._shards.rows[1] - self._shards.rows[0]
+        rows = self._rows.num_rows(fn)
         if self._basis is not None and self._basis.shape[0] != rows:
             self._trainable_set_changed(self._basis.shape[0], rows)
             refresh = True
         hvps, overlap = self._refresh(op) if refresh else (0, 1.0)
         assert self._basis is not None and self._eigenvalues is not None
-        U = self._basis[:, : self.num_eigenvectors].to(device=fn.device, dtype=fn.dtype)
-        by_rows = isinstance(self._shards, RowShards) and self._by_rows
-        if isinstance(self._shards, RowShards) and not by_rows:  # DDP: the measurement takes all rows of U
-            U = self._shards.gather(U)
+        U = self._rows.measured(self._basis[:, : self.num_eigenvectors].to(device=fn.device, dtype=fn.dtype))
         if refresh:
             projected = self._eigenvalues.to(U)  # U^T H_k U = diag(eigenvalues) at these weights
         else:
             # the kept U is no eigenbasis at the current weights: U^T H_k U from D products (one block)
-            apply = self._shards.matvec(op) if by_rows else op.matvec  # type: ignore[union-attr]
-            HU = self._call_user(lambda: apply(U), "the base samples (projected Hessian)")
-            projected = U.T @ HU
-            if isinstance(fn, ShardedFunction) or by_rows:  # U holds this process's rows
-                projected = self._shards.reduce(projected)  # type: ignore[union-attr]
-            projected = 0.5 * (projected + projected.T)
+            projected = self._call_user(lambda: self._rows.projected(op, U), "the base samples (projected Hessian)")
             self._eigenvalues = torch.linalg.eigvalsh(projected).flip(0)
         if refresh and self.sigma == "auto":
             selection = self._call_user(
@@ -503,7 +484,7 @@ class CurvatureStabilityCallback(Callback):
                     pl_module,
                     self._loss_fn(pl_module),
                     self._base,
-                    self._shards.gather(U) if by_rows else U,  # type: ignore[union-attr]
+                    self._rows.whole(U),
                     self._eigenvalues.to(U),  # type: ignore[union-attr]
                     max_quadratic_error=self.max_quadratic_error,
                     generator=self._generator,
@@ -542,9 +523,8 @@ class CurvatureStabilityCallback(Callback):
         else:  # stays where it is kept: the solver moves it one column at a time
             warm = prev.to(dtype=fn.dtype)
         start = time.perf_counter()
-        solve = self._shards.eigensolve if isinstance(self._shards, RowShards) else _eigensolve
         eig = self._call_user(
-            lambda: solve(
+            lambda: self._rows.eigensolve(
                 op,
                 self.num_eigenvectors,
                 tol=self.tol,
@@ -567,9 +547,7 @@ class CurvatureStabilityCallback(Callback):
         if U_prev is None:
             overlap = float("nan")
         else:
-            cross = U_prev.T @ eig.eigenvectors
-            if self._shards is not None:  # this process's rows
-                cross = self._shards.reduce(cross.to(fn.device))
+            cross = self._rows.reduce(U_prev.T @ eig.eigenvectors, fn.device)
             overlap = float(cross.pow(2).sum()) / D
         self._basis = eig.basis.detach()
         self._eigenvalues = eig.eigenvalues.detach()
@@ -590,8 +568,7 @@ class CurvatureStabilityCallback(Callback):
         metric = self._metric.to(pl_module.device)
         metric.sigma = self._sigma_value
         metric.reset()
-        by_rows = isinstance(self._shards, RowShards) and self._by_rows
-        function = RowShardedFunction(op.fn, self._shards) if by_rows else None  # type: ignore[arg-type]
+        function = self._rows.function(op.fn)
         plain = function is None and not isinstance(op.fn, ShardedFunction)  # this rank's base loss, gradient known
         failed: NonFiniteProbeError | None = None
         try:
@@ -724,11 +701,11 @@ class CurvatureStabilityCallback(Callback):
             rank, world = trainer.global_rank, trainer.world_size
             device = pl_module.device
             sharded = is_fully_sharded(pl_module)
-            self._by_rows = (
+            self._rows.by_rows = (
                 world > 1 and not sharded and measures_by_rows(self.num_eigenvectors, self._max_basis(pl_module), world)
             )
             # added samples taken by all processes together (sharded models, DDP measuring by rows): all on each
-            together = sharded or self._by_rows
+            together = sharded or self._rows.by_rows
             own_added = list(range(k, k + m)) if together else list(range(k + rank, k + m, world))
             with torch.inference_mode(False):
                 base = _cast_batch(select(batch, list(range(rank, k, world))), device=device)
@@ -744,8 +721,8 @@ class CurvatureStabilityCallback(Callback):
                 report = self._call_user(
                     lambda: preflight(fn, base, added, seed=self.seed), "the base samples (pre-flight)"
                 )
-                if world > 1 and torch.distributed.is_initialized():
-                    self._adopt_rows(RowShards(fn.num_params, fn.device))
+                several = world > 1 and torch.distributed.is_initialized()
+                self._adopt_rows(RowShards(fn.num_params, fn.device) if several else None)
         self._base, self._added = base, added
         self.hvp_in_use = report.hvp_kind
         if report.fallback_reason is not None:
@@ -767,22 +744,20 @@ class CurvatureStabilityCallback(Callback):
                 "weighs samples unequally). Return the mean loss over the batch's samples.",
             )
 
-    def _adopt_rows(self, shards: ShardedFunction | RowShards) -> None:
-        """From now on this process holds its rows of the subspace (and keeps them of a restored one)."""
-        self._shards = shards
-        if self._basis_restored is not None:
-            self._basis, self._basis_restored = take_rows(*self._basis_restored, shards), None
-            if self._basis is None:
-                self._eigenvalues = None
-                self._warn_once("layout", "the checkpoint's subspace has another layout of rows; the refresh is cold.")
+    def _adopt_rows(self, shards: ShardedFunction | RowShards | None) -> None:
+        """From now on this process holds its rows of the subspace (and of a restored one)."""
+        self._basis, dropped = self._rows.adopt(shards, self._basis)
+        if dropped:
+            self._eigenvalues = None
+            self._warn_once("layout", "the checkpoint's subspace has another layout of rows; the refresh is cold.")
 
     # ------------------------------------------------------------------ state
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "basis": self._saved_basis(),
-            "basis_rows": self._shards.row_counts if self._shards is not None else None,
+            "basis": self._rows.saved(self._basis) if self.save_subspace else None,
+            "basis_rows": self._rows.row_counts,
             "eigenvalues": self._eigenvalues.cpu() if self._eigenvalues is not None else None,
             "probe_indices": self._probe_indices,
             "generator_state": self._generator.get_state(),
@@ -794,14 +769,6 @@ class CurvatureStabilityCallback(Callback):
             "history": [dict(h) for h in self.history],
         }
 
-    def _saved_basis(self) -> Tensor | None:
-        """The kept subspace for a checkpoint: a sharded model's rows gathered on process 0 (collective)."""
-        if not self.save_subspace or self._basis is None:
-            return None
-        if self._shards is None:
-            return self._basis.cpu()
-        return gather_rows(self._basis, self._shards)
-
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.state_key not in checkpoint.get("callbacks", {}):
@@ -812,12 +779,10 @@ class CurvatureStabilityCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._basis = state_dict.get("basis")
+        # all rows of the subspace: with several processes each takes its own at the pre-flight
+        rows = state_dict.get("basis_rows")
+        self._basis = self._rows.restore(state_dict.get("basis"), None if rows is None else list(rows))
         self._eigenvalues = state_dict.get("eigenvalues")
-        self._basis_restored = None
-        if state_dict.get("basis_rows") is not None and self._basis is not None:
-            # all rows of a sharded model's subspace: each process takes its own at the pre-flight
-            self._basis_restored, self._basis = (self._basis, list(state_dict["basis_rows"])), None
         if self._basis is None:
             self._eigenvalues = None
         self._probe_indices = state_dict.get("probe_indices")

@@ -1,8 +1,9 @@
 """Run by tests/test_integration.py in a subprocess: a 2-process CPU DDP fit with the callback.
 
 Lightning's DDP launcher re-executes this script for rank 1, so it must be a standalone script (not pytest).
-Usage: python tests/ddp_probe_script.py OUT_DIR [ESTIMATOR] [nan-added-rank1 | by-rows | reuse ...]
-``reuse``: 3 epochs refreshing every 2nd (the middle one reuses the kept subspace).
+Usage: python tests/ddp_probe_script.py OUT_DIR [ESTIMATOR] [nan-added-rank1 | by-rows | reuse | resume ...]
+``reuse``: 3 epochs refreshing every 2nd (the middle one reuses the kept subspace). ``resume``: also 1 epoch, a
+checkpoint, and the 2nd epoch resumed from it.
 With ``nan-added-rank1`` the target of an added sample that only rank 1 holds is NaN (its loss is not finite there).
 Each rank writes OUT_DIR/rank{r}.pt with its logged history, the probe's subspace and the final weights.
 """
@@ -35,6 +36,30 @@ def main() -> None:
         lightning_curvprobe._sharding.ROW_MEASUREMENT = "always"
     if len(sys.argv) > 3 and sys.argv[3] == "nan-added-rank1":
         probe[1][17] = float("nan")  # added samples 16..19: rank r holds 16 + r and 18 + r
+    reuse = "reuse" in sys.argv[3:]
+    cb, trainer, model = fit(probe, train, estimator, 3 if reuse else 2, reuse)
+    saved = cb.state_dict()  # collective: the subspace's rows are gathered on rank 0
+    result = {
+        "history": cb.history,
+        "basis": cb._basis,
+        "saved_basis": saved["basis"],
+        "basis_rows": saved["basis_rows"],
+        "eigenvalues": cb._eigenvalues,
+        "by_rows": cb._rows.by_rows,
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "world": trainer.world_size,
+    }
+    if "resume" in sys.argv[3:]:  # 1 epoch, a checkpoint, and the second epoch resumed from it
+        ckpt = os.path.join(out, "one_epoch.ckpt")
+        fit(probe, train, estimator, 1, reuse, save=ckpt)
+        resumed, _, _ = fit(probe, train, estimator, 2, reuse, ckpt_path=ckpt)
+        result["resumed_history"] = resumed.history
+        result["resumed_basis"] = resumed._basis
+    torch.save(result, os.path.join(out, f"rank{trainer.global_rank}.pt"))
+
+
+def fit(probe, train, estimator: str, epochs: int, reuse: bool, save: str | None = None, ckpt_path: str | None = None):
+    L.seed_everything(0)
     model = TinyRegressor()
     cb = CurvatureStabilityCallback(
         num_eigenvectors=4,
@@ -46,37 +71,25 @@ def main() -> None:
         probe_data=probe,
         tol=1e-10,
         loss_fn=TinyRegressor.mean_loss,
-        refresh_every_n_epochs=2 if "reuse" in sys.argv[3:] else 1,
+        refresh_every_n_epochs=2 if reuse else 1,
     )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         precision="64-true",
-        max_epochs=3 if "reuse" in sys.argv[3:] else 2,
+        max_epochs=epochs,
         callbacks=[cb],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(
-        model, torch.utils.data.DataLoader(train, batch_size=16), torch.utils.data.DataLoader(train, batch_size=64)
-    )
-    saved = cb.state_dict()  # collective: the subspace's rows are gathered on rank 0
-    torch.save(
-        {
-            "history": cb.history,
-            "basis": cb._basis,
-            "saved_basis": saved["basis"],
-            "basis_rows": saved["basis_rows"],
-            "eigenvalues": cb._eigenvalues,
-            "by_rows": cb._by_rows,
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "world": trainer.world_size,
-        },
-        os.path.join(out, f"rank{trainer.global_rank}.pt"),
-    )
+    loaders = torch.utils.data.DataLoader(train, batch_size=16), torch.utils.data.DataLoader(train, batch_size=64)
+    trainer.fit(model, *loaders, ckpt_path=ckpt_path)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return cb, trainer, model
 
 
 if __name__ == "__main__":
