@@ -499,25 +499,28 @@ class RowShards:
         return torch.cat([p[:c] for p, c in zip(parts, self.row_counts, strict=True)])
 
     def matvec(self, op: HessianOperator) -> Callable[[Tensor], Tensor]:
-        """``op`` (all-reduced, on all rows) as an operator on this process's rows, one gathered vector at a time."""
+        """``op`` (all-reduced, on all rows) as an operator on this process's rows.
+
+        A block is gathered ``op.max_batch`` vectors at a time (one at a time once ``N`` exceeds
+        :data:`~lightning_curvprobe.functional.hvp.BATCH_ELEMENTS`), so the gathered vectors and their products stay
+        within what one batched product holds anyway.
+        """
         lo, hi = self.rows
 
         def apply(block: Tensor) -> Tensor:
             cols = block.reshape(hi - lo, -1)
             out = torch.empty_like(cols)
-            for j in range(cols.shape[1]):
-                out[:, j] = op.matvec(self.gather(cols[:, j]))[lo:hi, 0].to(out)
+            for j in range(0, cols.shape[1], op.max_batch):
+                part = cols[:, j : j + op.max_batch]
+                out[:, j : j + part.shape[1]] = op.matvec(self.gather(part))[lo:hi].to(out)
             return out.reshape(block.shape)
 
         return apply
 
     def eigensolve(self, op: HessianOperator, k: int, **kwargs: Any) -> Any:
         """``top_eigenpairs`` of the (all-reduced) operator ``op`` with this process's rows of the basis."""
-        lo, hi = self.rows
         fn = op.fn
-
-        def matvec(block: Tensor) -> Tensor:
-            return op.matvec(self.gather(block))[lo:hi].clone().reshape(block.shape)
+        matvec = self.matvec(op)
 
         from lightning_curvprobe.functional.lanczos import top_eigenpairs
 
