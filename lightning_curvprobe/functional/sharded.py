@@ -63,6 +63,11 @@ def is_fully_sharded(model: nn.Module) -> bool:
     return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters() if p.requires_grad)
 
 
+def _share(reduce: Callable[[Tensor], Tensor], batch: Any, device: torch.device) -> float:
+    k_local = _batch_size(batch, "base_batch")
+    return k_local / float(reduce(torch.tensor([float(k_local)], dtype=torch.float64, device=device))[0])
+
+
 class ShardedFunction:
     r"""The loss of a ``fully_shard``-ed model as a function of this process's rows of the flat parameter vector.
 
@@ -146,9 +151,7 @@ class ShardedFunction:
 
     def share(self, batch: Any) -> float:
         """This process's share ``k_local / k`` of the samples that the processes pass together (collective)."""
-        k_local = _batch_size(batch, "base_batch")
-        k = float(self.reduce(torch.tensor([float(k_local)], dtype=torch.float64, device=self.device))[0])
-        return k_local / k
+        return _share(self.reduce, batch, self.device)
 
     def norm(self, v: Tensor) -> float:
         """The global Euclidean norm of a vector given by this process's rows (collective)."""
@@ -563,9 +566,7 @@ class RowShardedFunction:
 
     def share(self, batch: Any) -> float:
         """This process's share ``k_local / k`` of the samples that the processes pass together (collective)."""
-        k_local = _batch_size(batch, "base_batch")
-        k = float(self.reduce(torch.tensor([float(k_local)], dtype=torch.float64, device=self.device))[0])
-        return k_local / k
+        return _share(self.reduce, batch, self.device)
 
     def current(self) -> Tensor:
         """This process's rows of the current parameters."""
