@@ -282,9 +282,10 @@ class CurvatureStabilityCallback(Callback):
         world = trainer.world_size
         if world > 1 and (self.sample_sizes is not None or self.full_space_samples > 0):
             raise ValueError(
-                "`sample_sizes` and `full_space_samples` are supported in single-process runs only for now, got "
-                f"sample_sizes={self.sample_sizes!r}, full_space_samples={self.full_space_samples} with "
-                f"{world} processes."
+                "`sample_sizes` and `full_space_samples` must be None and 0 with several processes (they probe their "
+                "own sample subsets and full-space directions of all N parameters in one process; leave them to a "
+                f"single-process run), got sample_sizes={self.sample_sizes!r}, "
+                f"full_space_samples={self.full_space_samples} with {world} processes."
             )
         if self.num_probe_samples < world:
             raise ValueError(

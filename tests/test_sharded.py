@@ -214,3 +214,17 @@ def test_model_parallel_with_data_parallelism_only_is_accepted():
         strategy = type("ModelParallelStrategy", (), {"_tensor_parallel_size": 1})()
 
     _check_strategy(FakeTrainer(), 0.05)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kwargs", [{"sample_sizes": [4, 8]}, {"full_space_samples": 4}])
+def test_curve_and_full_space_reference_are_refused_with_several_processes(kwargs):
+    from lightning_curvprobe import CurvatureStabilityCallback
+
+    class FakeTrainer:
+        world_size = 2
+        strategy = type("DDPStrategy", (), {})()
+
+    x, y = make_regression()[1]
+    cb = CurvatureStabilityCallback(num_eigenvectors=2, num_probe_samples=16, probe_data=(x, y), **kwargs)
+    with pytest.raises(ValueError, match=r"must be None and 0 with several processes .* with 2 processes"):
+        cb.setup(FakeTrainer(), TinyRegressor(), "fit")  # type: ignore[arg-type]
