@@ -125,6 +125,10 @@ class ProbeSchedule:
             self._seconds_per_product = solver_seconds / products
             self._dimension = dimension
 
+    def add(self, seconds: float) -> None:
+        """Time the callback spent outside a probe (the pre-flight) counts as probe time."""
+        self.probe_seconds += seconds
+
     def state_dict(self) -> dict[str, Any]:
         """The counters a resumed run continues from (plain Python values)."""
         return {

@@ -694,6 +694,11 @@ class CurvatureStabilityCallback(Callback):
         if self._base is not None:
             return
         self._check_trainable(pl_module)
+        start = time.perf_counter()
+        self._draw_and_preflight(trainer, pl_module)
+        self._schedule.add(time.perf_counter() - start)  # the pre-flight is the callback's cost too
+
+    def _draw_and_preflight(self, trainer: Trainer, pl_module: LightningModule) -> None:
         k, m = self.num_probe_samples, self.num_added_samples
         with untouched_rng(pl_module.device), user_state_kept(pl_module):
             batch, self._probe_indices = draw_probe_batch(

@@ -134,6 +134,8 @@ def test_budget_leaves_training_bit_identical(tmp_path):
     _, probed = fit(tmp_path, [cb], max_epochs=4)
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in probed.state_dict().items())
     assert len(cb.history) >= 1 and all(math.isfinite(h["overhead"]) for h in cb.history)
+    # the pre-flight before the first step is the callback's cost too: counted on top of the probes' own time
+    assert cb._schedule.probe_seconds > sum(h["probe_seconds"] for h in cb.history if math.isfinite(h["probe_seconds"]))
 
 
 def test_bad_max_overhead_is_refused():
