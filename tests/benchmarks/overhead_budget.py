@@ -11,7 +11,7 @@ every validation epoch, and with ``max_overhead=0.05``:
 Printed per task: the median fit-time ratio to the baseline, the callback's own cumulative ``overhead`` (its logged
 value at the end), and how many validation epochs refreshed, reused the kept subspace, or skipped.
 
-Run: ``PYTHONPATH=. python tests/benchmarks/overhead_budget.py [--quick] [--repeats 3] [--threads 2]``.
+Run: ``PYTHONPATH=. python tests/benchmarks/overhead_budget.py [--quick] [--repeats 3] [--threads 2] [--budget-only]``.
 """
 
 from __future__ import annotations
@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--budget-only", action="store_true", help="fit only the baseline and max_overhead (not every-epoch probes)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -150,6 +153,8 @@ def main() -> None:
         "every validation epoch": dict(num_eigenvectors=10, num_probe_samples=64),
         f"max_overhead={BUDGET}": dict(num_eigenvectors=10, num_probe_samples=64, max_overhead=BUDGET),
     }
+    if args.budget_only:
+        del configs["every validation epoch"]
     print(f"torch {torch.__version__}, {args.threads} threads, {repeats} repeats (interleaved), medians")
     for name, (make_module, make_loaders, epochs) in tasks(args.quick).items():
         times: dict[str, list[float]] = collections.defaultdict(list)
@@ -168,10 +173,12 @@ def main() -> None:
             ratios = [t / b for t, b in zip(times[label], times["baseline"], strict=True)]
             sched = cb._schedule
             kinds = collections.Counter("refresh" if h["hvps"] > 0 else "reuse" for h in cb.history)
+            first = cb.history[0]["probe_seconds"] if cb.history else float("nan")
             print(
                 f"  {label:<24} fit ratio {statistics.median(ratios):.3f}   callback's overhead "
                 f"{sched.overhead():.3f}   probes: {kinds['refresh']} refresh, {kinds['reuse']} reuse, "
-                f"{sched.num_skipped} skipped"
+                f"{sched.num_skipped} skipped   first probe {first:.2f} s = {first / base:.3f} of the baseline fit, "
+                f"pre-flight and probes {sched.probe_seconds:.2f} s"
             )
 
 
