@@ -384,6 +384,12 @@ def probe_stability(
     ``"direct_mc"`` the true increments (two forward passes per draw and added sample). The model is not modified:
     parameters, buffers, ``.grad``, train/eval modes and the global RNG are left as they were.
 
+    A model sharded with FSDP2's ``fully_shard`` (its trainable parameters ``DTensor`` shards on a 1-D data-parallel
+    mesh) is probed on each process's own shards (:mod:`~lightning_curvprobe.functional.sharded`): every process of
+    the mesh calls ``probe_stability`` together, with its own ``base_batch`` and the same ``added_batch`` and
+    ``generator`` state; products are finite differences of the sharded gradients (``hvp="autograd"`` is refused), and
+    ``eigenvectors``, ``basis`` and ``warm_start`` hold this process's rows.
+
     Args:
         model: the network, evaluated at its current weights (in eval mode during the probe).
         loss_fn: ``loss_fn(model, batch) -> Tensor``, the mean loss over the batch.
