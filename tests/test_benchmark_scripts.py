@@ -325,3 +325,28 @@ def test_sharded_refresh_memory_quick():
         rel = float(text.split(f"largest relative eigenvalue difference, {setup} against unsharded: ")[1].split()[0])
         assert rel < 1e-3, text[-3000:]
         assert f"{setup}: largest relative error against the reference" in text
+
+
+def test_solver_overhead_quick():
+    """``solver_overhead.py --quick``: the solver's own time per step, before and after, on a synthetic operator."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "solver_overhead.py"), "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if len(r) == 13 and r[1].isdigit()]
+    assert [r[0] for r in rows] == ["before", "after"], text[-3000:]
+    assert rows[0][1] == rows[1][1]  # the same products
+    assert all(float(r[9]) > 0 for r in rows)  # passes over the basis counted
+    assert "same products: True; converged: True" in text, text[-3000:]
+    rel = float(text.split("after against before: ")[1].split()[0])
+    assert rel < 1e-5, text[-3000:]

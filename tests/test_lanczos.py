@@ -883,3 +883,81 @@ def test_finite_product_with_overflowing_norm_is_not_non_finite():
     assert not torch.isfinite((1e30 * A[:, :1]).norm())
     huge = top_eigenpairs(lambda v: 1e30 * (A @ v), 60, 2, tol=1e-3, dtype=torch.float32, max_hvps=40)
     assert huge.hvps > 0
+
+
+# ---------------------------------------------------------------------------------- the solver's own work (CPU paths)
+
+
+def test_single_vector_inner_product_by_chunk_dots():
+    """One vector with one vector (float32, over row chunks): a dot per chunk, float64 sums, as close to the exact
+    product as the matrix-product loop; several vectors keep the loop."""
+    from lightning_curvprobe.functional import lanczos
+
+    n = 3 * lanczos._ROW_CHUNK + 17
+    g = torch.Generator().manual_seed(2)
+    V = torch.randn(9, n, generator=g).T  # a basis-like view: each vector contiguous
+    x = torch.randn(n, 1, generator=g)
+    exact = V.double().T @ x.double()
+    dot = lanczos._inner64(V[:, 3:4], x)
+    assert dot.dtype == torch.float64 and dot.shape == (1, 1)
+    bound = torch.finfo(torch.float32).eps * n**0.5 * float(V[:, 3].double().norm() * x.double().norm())
+    assert abs(float(dot) - float(exact[3])) <= bound
+    loop = lanczos._inner64(V, x)  # 9 vectors: the loop of matrix products
+    assert bool(((loop - exact).abs() <= bound * 3).all())
+    assert abs(float(loop[3]) - float(dot)) <= bound
+
+
+def test_largest_entry_rule():
+    from lightning_curvprobe.functional.lanczos import _largest_entry
+
+    for v in ([0.5, -3.0, 2.0], [3.0, -3.0, 1.0], [-3.0, 3.0], [0.0, 0.0], [-1e-30], [2.0, -1.0, 2.0]):
+        t = torch.tensor(v)
+        assert _largest_entry(t) == float(t[t.abs().argmax()]), v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_solver_own_work_switches_do_not_change_the_solve(model_hessian, monkeypatch, dtype):
+    """The CPU changes to the solver's own work (the products' input in one reused buffer, single-vector inner
+    products by chunk dots, the Ritz vectors written block by block into the result, signs from min/max): on a
+    basis of several row blocks and chunks, with restarts, a block and a warm start, the same products, restarts and
+    eigenpairs as the former paths (bitwise where the arithmetic is the same), and a matvec that works on its input
+    in place is safe."""
+    from lightning_curvprobe.functional import lanczos
+
+    _, _, H, _ = model_hessian
+    n, k = H.shape[0], 5
+    A = H.to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-8
+    monkeypatch.setattr(lanczos, "_ROW_CHUNK", 64)  # 1540 rows: 7 row blocks of 4 chunks, chunked inner products
+    switches = ("_REUSE_INPUT", "_DOT_INNER", "_RITZ_IN_PLACE", "_MINMAX_SIGNS")
+
+    def in_place(v):  # overwrites its input and returns it
+        v.copy_(A @ v)
+        return v
+
+    def solves():
+        prev = top_eigenpairs(in_place, n, k, tol=tol, dtype=dtype, max_basis=16)
+        return [
+            prev,
+            top_eigenpairs(lambda v: A @ v, n, k, tol=tol, dtype=dtype, block_size=3),
+            top_eigenpairs(in_place, n, k, tol=tol, dtype=dtype, warm_start=prev.basis),
+        ]
+
+    runs = {}
+    for on in (False, True):
+        for name in switches:
+            monkeypatch.setattr(lanczos, name, on)
+        runs[on] = solves()
+    assert runs[True][0].restarts > 0
+    for old, new in zip(runs[False], runs[True], strict=True):
+        assert new.converged and old.converged
+        assert (new.hvps, new.restarts) == (old.hvps, old.restarts)
+        rtol = 1e-6 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(new.eigenvalues, old.eigenvalues, rtol=rtol, atol=0)
+        atol = 1e-4 if dtype == torch.float32 else 1e-9
+        torch.testing.assert_close(new.eigenvectors, old.eigenvectors, rtol=0, atol=atol)
+        assert new.eigenvectors.stride() == old.eigenvectors.stride() == (1, n)
+    # float64 takes no dot path (no chunked sums): every step's arithmetic is the same, so is every bit
+    if dtype == torch.float64:
+        for old, new in zip(runs[False], runs[True], strict=True):
+            assert torch.equal(new.eigenvalues, old.eigenvalues) and torch.equal(new.basis, old.basis)
