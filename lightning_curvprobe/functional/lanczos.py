@@ -765,11 +765,13 @@ class _Lanczos:
         """A ``(m', n)`` buffer (``m' >= m``) for the vectors to multiply, reused from step to step (None: allocate).
 
         A fresh ``n``-sized tensor per product costs its page faults at first touch: measured 30 ms against 14 ms for
-        the copy itself at n = 1e7 float32 on a CPU, a tenth of the solver's own work per step. Reused only when the
-        operator runs on the basis' device and the buffer is no larger than :data:`_INPUT_BUFFER_ELEMENTS`; the
-        previous product (which ``matvec`` may have computed in place, in it) is consumed before the next is taken.
+        the copy itself at n = 1e7 float32 on a CPU, a tenth of the solver's own work per step. Used only when the
+        operator runs on the basis' device (otherwise the block is copied to the operator's device anyway); it holds
+        one chunk of vectors (:func:`_block_chunk`: one vector for ``n > 2**24``), the memory of the fresh tensor it
+        replaces, and is released before the Ritz vectors are built. The previous product (which ``matvec`` may have
+        computed in place, in it) is consumed before the next is taken.
         """
-        if not _REUSE_INPUT or self.op_device != self.device or m * self.local > _BLOCK_ELEMENTS:
+        if not _REUSE_INPUT or self.op_device != self.device:
             return None
         if self.input_buffer is None or self.input_buffer.shape[0] < m:
             self.input_buffer = torch.empty(m, self.local, dtype=self.dtype, device=self.device)
@@ -1114,6 +1116,7 @@ class _Lanczos:
     # ------------------------------------------------------------------------------------------------ result
 
     def _result(self) -> EigenResult:
+        self.input_buffer = None  # not part of the peak while the Ritz vectors are built
         want = min(self.kt, self.nd)
         coeffs = self.S[:, :want].to(self.dtype)
         # the Ritz vectors, stored column by column (each vector contiguous), built while the basis is released;
