@@ -508,6 +508,7 @@ class HessianOperator:
 
     def _batched_hvp(self, part: Tensor) -> Tensor | None:
         """``(H part)^T`` of shape ``(b, N)`` by one batched backward pass; None (and loops from now on) if it fails."""
+        assert self._grad is not None and self._w is not None
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_VMAP_WARNING)
