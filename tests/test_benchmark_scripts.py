@@ -65,6 +65,30 @@ def script_runs():
     return out
 
 
+def _run_alone(script: str, *args: str) -> str:
+    """Run one benchmark script on its own (it starts its own processes); its output, after checking it succeeded."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+def _table_rows(text: str, width: int) -> list[list[str]]:
+    """The data rows (second cell a number) of the Markdown tables of ``width`` cells in a script's output."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    return [r for r in rows if len(r) == width and r[1].isdigit()]
+
+
 def _check(script_runs, name: str, *expected: str) -> str:
     rc, text, _ = script_runs[name]
     assert rc == 0, f"{name} exited with {rc}:\n{text[-4000:]}"
@@ -74,14 +98,32 @@ def _check(script_runs, name: str, *expected: str) -> str:
 
 
 def test_gpu_paper_scale_tiny_runs_on_cpu(script_runs):
-    text = _check(script_runs, "gpu_paper_scale", "Lanczos cold", "power iteration", "Lanczos warm", "Stage II",
-                  "gaussian_moment", "quadratic_mc", "direct_mc", "goal (Lanczos cold")
+    text = _check(
+        script_runs,
+        "gpu_paper_scale",
+        "Lanczos cold",
+        "power iteration",
+        "Lanczos warm",
+        "Stage II",
+        "gaussian_moment",
+        "quadratic_mc",
+        "direct_mc",
+        "goal (Lanczos cold",
+    )
     assert "device cpu" in text
 
 
 def test_overhead_quick(script_runs):
-    text = _check(script_runs, "overhead", "| quickstart |", "| transformer", "eigensolve", "coefficients", "logging",
-                  "lower bound on the ratio")
+    text = _check(
+        script_runs,
+        "overhead",
+        "| quickstart |",
+        "| transformer",
+        "eigensolve",
+        "coefficients",
+        "logging",
+        "lower bound on the ratio",
+    )
     floors = [line for line in text.splitlines() if line.startswith("| ") and "steps) |" in line]
     assert len(floors) == 2, text[-3000:]  # one floor row per task
     for line in floors:
@@ -98,8 +140,16 @@ def test_memory_quick(script_runs):
 
 
 def test_refresh_sequence_quick(script_runs):
-    text = _check(script_runs, "refresh_sequence", "| warm, b=1 (callback default) |", "| cold, b=13 |",
-                  "| warm as a block, b=1 |", "=== transformer", "Warm against cold", "One training step")
+    text = _check(
+        script_runs,
+        "refresh_sequence",
+        "| warm, b=1 (callback default) |",
+        "| cold, b=13 |",
+        "| warm as a block, b=1 |",
+        "=== transformer",
+        "Warm against cold",
+        "One training step",
+    )
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -115,8 +165,7 @@ def test_refresh_sequence_quick(script_runs):
 
 def test_top_set_quick(script_runs):
     text = _check(script_runs, "top_set", "| this solver (defaults) |", "| ARPACK eigsh, tol=1e-3 |", "(before)")
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
-    rows = [r for r in rows if len(r) == 8 and r[1].isdigit()]
+    rows = _table_rows(text, 8)
     assert len(rows) == 6, text[-3000:]  # two models, three methods
     for model, _, method, _, missed, _, err, _ in rows:
         if method == "this solver (defaults)":
@@ -184,8 +233,9 @@ def _stats(fn, base, added, U, direct=True):
     g = gen(3)
     z = 0.1 * torch.randn(5, U.shape[1], generator=g, dtype=DT)
     qz = 0.1 * torch.randn(4, U.shape[1], generator=g, dtype=DT)
-    return _collect_statistics(fn, base, added, U, torch.tensor([3.0, 2.0], dtype=DT),
-                               direct_z=z if direct else None, qe_z=qz)
+    return _collect_statistics(
+        fn, base, added, U, torch.tensor([3.0, 2.0], dtype=DT), direct_z=z if direct else None, qe_z=qz
+    )
 
 
 _FIELDS = ("added_loss", "added_grad", "added_hess", "base_draw_loss_sum", "added_draw_loss", "qe_change_sum")
@@ -272,22 +322,9 @@ def test_basis_in_cpu_memory_with_model_on_gpu(small):
 
 def test_sharded_lanczos_quick():
     """``sharded_lanczos.py --quick`` (run on its own: it starts its own two gloo processes)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    env.pop("OUT", None)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(BENCH, "sharded_lanczos.py"), "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-4000:]
+    text = _run_alone("sharded_lanczos.py", "--quick")
     assert "ranks' eigenvalues bitwise equal: True" in text, text[-3000:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
-    rows = [r for r in rows if len(r) == 11 and r[1].isdigit()]
+    rows = _table_rows(text, 11)
     assert [r[0] for r in rows] == ["1 process (unsharded)"] + ["2 gloo processes (rows=)"] * 2, text[-3000:]
     one, *two = rows
     assert all(r[9] == "True" for r in rows) and two[0][6] == two[1][6]  # converged; the ranks' products agree
@@ -299,21 +336,8 @@ def test_sharded_lanczos_quick():
 
 def test_sharded_refresh_memory_quick():
     """``sharded_refresh_memory.py --quick`` (run on its own: it spawns its own 1 and 2 gloo processes)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    env.pop("OUT", None)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(BENCH, "sharded_refresh_memory.py"), "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-4000:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
-    rows = [r for r in rows if len(r) == 14 and r[1].isdigit()]
+    text = _run_alone("sharded_refresh_memory.py", "--quick")
+    rows = _table_rows(text, 14)
     assert [r[0] for r in rows] == ["unsharded", "DDP rows", "DDP rows", "FSDP2", "FSDP2"], text[-3000:]
     one, *two = rows
     assert all(r[12] == "True" for r in rows)  # converged
@@ -329,21 +353,8 @@ def test_sharded_refresh_memory_quick():
 
 def test_solver_overhead_quick():
     """``solver_overhead.py --quick``: the solver's own time per step, before and after, on a synthetic operator."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    env.pop("OUT", None)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(BENCH, "solver_overhead.py"), "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-4000:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
-    rows = [r for r in rows if len(r) == 13 and r[1].isdigit()]
+    text = _run_alone("solver_overhead.py", "--quick")
+    rows = _table_rows(text, 13)
     assert [r[0] for r in rows] == ["before", "after"], text[-3000:]
     assert rows[0][1] == rows[1][1]  # the same products
     assert all(float(r[9]) > 0 for r in rows)  # passes over the basis counted
