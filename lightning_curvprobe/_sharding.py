@@ -43,8 +43,11 @@ def take_rows(full: Tensor, row_counts: list[int] | None, fn: ShardedFunction | 
     return full[lo:hi].clone()
 
 
-def check_strategy(trainer: Trainer, sigma: float | str) -> None:
-    """Refuse, at setup, what the probe cannot run under (FSDP1, DeepSpeed, tensor parallelism, sharded ``'auto'``)."""
+def check_strategy(trainer: Trainer, sigma: float | str, hvp: str = "auto") -> None:
+    """Refuse, at setup, what the probe cannot run under.
+
+    That is FSDP1, DeepSpeed, tensor parallelism, and on sharded parameters ``sigma="auto"`` and ``hvp="autograd"``.
+    """
     name = type(trainer.strategy).__name__
     if "FSDP" in name or "DeepSpeed" in name:
         raise ValueError(
@@ -59,6 +62,11 @@ def check_strategy(trainer: Trainer, sigma: float | str) -> None:
         raise ValueError(
             "CurvatureStabilityCallback supports ModelParallelStrategy with data parallelism only (fully_shard "
             f"on the data-parallel mesh); got tensor_parallel_size={tensor_parallel}. Pass tensor_parallel_size=1."
+        )
+    if "ModelParallel" in name and hvp == "autograd":
+        raise ValueError(
+            "`hvp` must be 'auto' or 'finite_difference' under ModelParallelStrategy (fully_shard has no double "
+            "backward: products are finite differences of the sharded gradients), got hvp='autograd'."
         )
     if "ModelParallel" in name and sigma == "auto":
         raise ValueError(

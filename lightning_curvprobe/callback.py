@@ -267,7 +267,7 @@ class CurvatureStabilityCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_strategy(trainer, self.sigma)
+        check_strategy(trainer, self.sigma, self.hvp)
         if self.loss_fn is None and not pl_module.automatic_optimization:
             raise ValueError(
                 "`loss_fn` must be given when the LightningModule uses manual optimization "

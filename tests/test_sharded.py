@@ -195,6 +195,7 @@ def test_plain_models_are_not_sharded():
         ("DeepSpeedStrategy", {}, r"got strategy DeepSpeedStrategy\. For sharded parameters use"),
         ("ModelParallelStrategy", {"_tensor_parallel_size": 2}, r"got tensor_parallel_size=2\. Pass"),
         ("ModelParallelStrategy", {"_tensor_parallel_size": 1}, r"`sigma` must be a number .* got sigma='auto'"),
+        ("ModelParallelStrategy", {"_tensor_parallel_size": 1}, r"`hvp` must be 'auto' or .* got hvp='autograd'"),
     ],
 )
 def test_unsupported_sharded_strategies_are_refused_at_setup(name, attrs, match):
@@ -204,7 +205,8 @@ def test_unsupported_sharded_strategies_are_refused_at_setup(name, attrs, match)
         strategy = type(name, (), attrs)()
 
     with pytest.raises(ValueError, match=match):
-        _check_strategy(FakeTrainer(), "auto" if "sigma" in match else 0.05)  # type: ignore[arg-type]
+        sigma = "auto" if "sigma" in match else 0.05
+        _check_strategy(FakeTrainer(), sigma, "autograd" if "hvp" in match else "auto")  # type: ignore[arg-type]
 
 
 def test_model_parallel_with_data_parallelism_only_is_accepted():
