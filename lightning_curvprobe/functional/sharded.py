@@ -559,6 +559,7 @@ class RowShardedFunction:
         self.rank, self.world, self.rows = shards.rank, shards.world, shards.rows
         self.num_params = shards.rows[1] - shards.rows[0]
         self.global_num_params = shards.global_num_params
+        self._point: tuple[Tensor, Tensor] | None = None  # the last point's rows and its gathered vector
 
     def reduce(self, tensor: Tensor) -> Tensor:
         """Sum over the processes, in place; returns ``tensor``."""
@@ -574,8 +575,10 @@ class RowShardedFunction:
         return self.fn.current()[lo:hi].clone()
 
     def loss(self, w: Tensor, batch: Any, *, scale: float = 1.0, where: str = "the probe batch") -> Tensor:
-        """This process's scaled loss at the point whose rows are ``w`` (collective: the point is gathered)."""
-        full = self.shards.gather(w)[:, 0]
+        """This process's scaled loss at the point whose rows are ``w`` (collective: the point is gathered once)."""
+        if self._point is None or self._point[0] is not w:  # the base and every added sample at one point: one gather
+            self._point = (w, self.shards.gather(w)[:, 0])
+        full = self._point[1]
         with torch.no_grad():
             return _check_loss(self.fn.loss(full, self.fn.prepare(batch)), where).detach() * scale
 
