@@ -16,7 +16,7 @@ from lightning.pytorch import Trainer
 from torch import Tensor
 
 from lightning_curvprobe.functional.hvp import ModelFunction
-from lightning_curvprobe.functional.lanczos import EigenResult
+from lightning_curvprobe.functional.lanczos import EigenResult, _default_num_extra
 from lightning_curvprobe.functional.probe import _eigensolve
 from lightning_curvprobe.functional.sharded import RowShardedFunction, RowShards, ShardedFunction
 
@@ -126,6 +126,15 @@ class SubspaceRows:
             lo, hi = shards.rows
             return basis[lo:hi].clone(), False
         return basis, False
+
+    def plan(self, world: int, sharded: bool, *, D: int, max_basis: int | None, N: int) -> bool:
+        """Decide how this run measures (see :func:`measures_by_rows`); whether every process takes all added samples.
+
+        ``max_basis`` is the callback's (None: the solver's default ``2 (D + p) + 10``), ``N`` the number of parameters.
+        """
+        size = max_basis if max_basis is not None else min(N, 2 * (D + _default_num_extra(D, N)) + 10)
+        self.by_rows = world > 1 and not sharded and measures_by_rows(D, size, world)
+        return sharded or self.by_rows
 
     def num_rows(self, fn: ModelFunction | ShardedFunction) -> int:
         """This process's rows of the subspace (a DDP layout follows a change of the trainable set)."""

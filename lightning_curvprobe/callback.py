@@ -43,7 +43,7 @@ from lightning_curvprobe._probe_data import (
     user_state_kept,
 )
 from lightning_curvprobe._schedule import ProbeSchedule, no_validation_reason
-from lightning_curvprobe._sharding import SubspaceRows, check_strategy, measures_by_rows
+from lightning_curvprobe._sharding import SubspaceRows, check_strategy
 from lightning_curvprobe._signals import SIGNAL_KEYS, explain
 from lightning_curvprobe.functional._batch import _batch_size, _cast_batch
 from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
@@ -303,12 +303,6 @@ class CurvatureStabilityCallback(Callback):
                 hvp=self.hvp,
                 sync_on_compute=True,
             )
-
-    def _max_basis(self, pl_module: LightningModule) -> int:
-        """The eigensolver's basis size (``max_basis`` or its default)."""
-        N = _num_trainable(pl_module)
-        D = self.num_eigenvectors
-        return self.max_basis if self.max_basis is not None else min(N, 2 * (D + _default_num_extra(D, N)) + 10)
 
     def _check_trainable(self, pl_module: LightningModule) -> None:
         """The module's trainable parameters admit the configured ``D`` and ``max_basis``."""
@@ -706,12 +700,14 @@ class CurvatureStabilityCallback(Callback):
             )
             rank, world = trainer.global_rank, trainer.world_size
             device = pl_module.device
-            sharded = is_fully_sharded(pl_module)
-            self._rows.by_rows = (
-                world > 1 and not sharded and measures_by_rows(self.num_eigenvectors, self._max_basis(pl_module), world)
-            )
             # added samples taken by all processes together (sharded models, DDP measuring by rows): all on each
-            together = sharded or self._rows.by_rows
+            together = self._rows.plan(
+                world,
+                is_fully_sharded(pl_module),
+                D=self.num_eigenvectors,
+                max_basis=self.max_basis,
+                N=_num_trainable(pl_module),
+            )
             own_added = list(range(k, k + m)) if together else list(range(k + rank, k + m, world))
             with torch.inference_mode(False):
                 base = _cast_batch(select(batch, list(range(rank, k, world))), device=device)
