@@ -160,13 +160,7 @@ def _collect_statistics(
                         for q in range(Q):
                             qe_draw[q] = fn.loss(w0 + U @ qe_z[q].to(dt), base)  # type: ignore[index]
                 forward += Q
-        for name, values in (("direct Monte Carlo", (base_draw, added_draw)), ("quadratic-validity", (qe_draw,))):
-            bad = sum(int((~torch.isfinite(v)).sum()) for v in values)
-            if bad:
-                raise NonFiniteProbeError(
-                    f"the loss is not finite at {bad} of the {name} probe points w0 + U z (a smaller `sigma` keeps "
-                    "the probe inside the local regime)."
-                )
+        _check_draws(base_draw, added_draw, qe_draw)
         base_grad = base_grad.to(dt)
         projected = _projected_hessian(eigenvalues, D).to(device=dev, dtype=dt)
         return _Statistics(
@@ -184,6 +178,17 @@ def _collect_statistics(
             hvps=hvps,
             forward_passes=forward,
         )
+
+
+def _check_draws(base_draw: Tensor, added_draw: Tensor, qe_draw: Tensor) -> None:
+    """Raise :class:`NonFiniteProbeError` when a loss at a probe point ``w0 + U z`` is not finite."""
+    for name, values in (("direct Monte Carlo", (base_draw, added_draw)), ("quadratic-validity", (qe_draw,))):
+        bad = sum(int((~torch.isfinite(v)).sum()) for v in values)
+        if bad:
+            raise NonFiniteProbeError(
+                f"the loss is not finite at {bad} of the {name} probe points w0 + U z (a smaller `sigma` keeps "
+                "the probe inside the local regime)."
+            )
 
 
 def _projected_hessian(eigenvalues: Tensor, D: int) -> Tensor:

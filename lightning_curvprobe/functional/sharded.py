@@ -153,6 +153,10 @@ class ShardedFunction:
         """This process's share ``k_local / k`` of the samples that the processes pass together (collective)."""
         return _share(self.reduce, batch, self.device)
 
+    def anywhere(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (collective)."""
+        return float(self.reduce(torch.tensor([float(flag)], device=self.device))[0]) > 0
+
     def norm(self, v: Tensor) -> float:
         """The global Euclidean norm of a vector given by this process's rows (collective)."""
         sq = (v.to(torch.float64) ** 2).sum().reshape(1)
@@ -265,8 +269,7 @@ class ShardedHessianOperator:
             loss, grad = fn.gradient(self._w0, batch, scale=self.scale, where=where)
         self.loss = fn.reduce(loss.reshape(1).clone())[0]
         self.gradient = grad
-        bad = torch.tensor([float(not bool(torch.isfinite(grad).all()))], device=fn.device)
-        if not torch.isfinite(self.loss) or float(fn.reduce(bad)[0]) > 0:
+        if not torch.isfinite(self.loss) or fn.anywhere(not bool(torch.isfinite(grad).all())):
             raise NonFiniteProbeError(f"the loss or its gradient is not finite on {where}.")
         self._w0_norm = fn.norm(self._w0)
 
@@ -284,8 +287,7 @@ class ShardedHessianOperator:
             for i in range(block.shape[1]):
                 out[:, i] = self._difference_product(block[:, i].to(device=fn.device, dtype=fn.dtype))
         self.num_hvps += block.shape[1]
-        bad = torch.tensor([float(not bool(torch.isfinite(out).all()))], device=fn.device)
-        if float(fn.reduce(bad)[0]) > 0:
+        if fn.anywhere(not bool(torch.isfinite(out).all())):
             raise NonFiniteProbeError(f"a Hessian-vector product is not finite on {self.where}.")
         return out.to(v.device).reshape(v.shape)
 
@@ -319,7 +321,7 @@ def sharded_statistics(
     ``(D, D)``. Each added sample costs one gradient and ``D`` finite-difference products of the whole mesh; each
     draw ``z`` one forward pass on the base samples and one per added sample.
     """
-    from lightning_curvprobe.functional.probe import _second_order_model, _Statistics
+    from lightning_curvprobe.functional.probe import _check_draws, _projected_hessian, _second_order_model, _Statistics
 
     with torch.inference_mode(False):
         dt, dev = fn.dtype, fn.device
@@ -360,14 +362,8 @@ def sharded_statistics(
         base_draw = torch.stack([d[0] for d in direct]) * k if S else torch.empty(0, dtype=dt, device=dev)
         added_draw = torch.stack([d[1:] for d in direct], 1) if S else torch.empty(m, 0, dtype=dt, device=dev)
         qe_draw = torch.stack(qe) if Q else torch.empty(0, dtype=dt, device=dev)
-        for name, values in (("direct Monte Carlo", (base_draw, added_draw)), ("quadratic-validity", (qe_draw,))):
-            bad = sum(int((~torch.isfinite(v)).sum()) for v in values)
-            if bad:
-                raise NonFiniteProbeError(
-                    f"the loss is not finite at {bad} of the {name} probe points w0 + U z (a smaller `sigma` keeps "
-                    "the probe inside the local regime)."
-                )
-        P = 0.5 * (projected + projected.T).to(device=dev, dtype=dt)
+        _check_draws(base_draw, added_draw, qe_draw)
+        P = _projected_hessian(projected, D).to(device=dev, dtype=dt)
         return _Statistics(
             base_loss_sum=L * k,
             base_count=torch.tensor(float(k), dtype=dt, device=dev),
