@@ -6,14 +6,17 @@ that the products cost almost nothing and the solve's time is the solver's own w
 Hessian-vector product of the 10M-parameter transformer of ``memory.py``) costs about 1.2 s on this machine
 (``--product-ms``); the solver's time per step is reported against it.
 
-Two configurations, repeats interleaved (medians): ``before``, with the switches of ``lightning_curvprobe.functional.
+Configurations, repeats interleaved (medians): ``before``, with the switches of ``lightning_curvprobe.functional.
 lanczos`` that select the former code paths (``_REUSE_INPUT``, ``_DOT_INNER``, ``_RITZ_IN_PLACE``, ``_MINMAX_SIGNS``
-off), and ``after`` (all on, the default). Both run the same algorithm (the same products and decisions; results
-equal to rounding). Per configuration: products and restarts; the solver's own time per step; its part in the
-basis passes (inner products and subtractions, ``_Basis.inner`` and ``_Basis.sub_``), in writing new basis vectors
-(``_Basis.set_column``: the basis pages' first touch), in copying the vector to multiply (``_Basis.columns``), and
-once per solve in the Ritz vectors and their signs (``_result``); the passes over the basis per step (vectors read
-by the inner products and subtractions over the vectors then in the basis), the bytes they read and the rate; and
+off), ``after`` (those on, the whole Gram-Schmidt subtraction every step: ``_SELECTIVE`` off), and ``selective eps^a``
+(all on, selective reorthogonalisation with the threshold ``eps ** a``, for each ``a`` of ``--semi-orth``). All run the
+same products (results equal to rounding); the table also gives the share of products whose subtraction was skipped
+entirely (no basis vector selected). Per configuration: products and restarts; the solver's own time per step; its
+part in the basis passes (inner products and subtractions, ``_Basis.inner`` and ``_Basis.sub_``), in writing new basis
+vectors (``_Basis.set_column``: the basis pages' first touch), in copying the vector to multiply
+(``_Basis.columns``), and once per solve in the Ritz vectors and their signs (``_result``); the passes over the basis
+per step (vectors read by the inner products and subtractions over the vectors then in the basis), the bytes they read
+and the rate; and
 the own time against the product's, ``own / (own + product)``, the share of a step (the issue's goal: 10 %). The
 memory bandwidth on this machine (a matrix-vector product of 16 vectors of ``n``) is printed for comparison.
 
@@ -21,6 +24,7 @@ A script, not a test::
 
     PYTHONPATH=. python tests/benchmarks/solver_overhead.py             # n = 1e7, 3 repeats, ~3 minutes
     PYTHONPATH=. python tests/benchmarks/solver_overhead.py --quick     # n = 2e5, a few seconds
+    PYTHONPATH=. python tests/benchmarks/solver_overhead.py --max-basis 20 --semi-orth 0.9   # with restarts
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ import torch  # noqa: E402
 
 from lightning_curvprobe.functional import lanczos  # noqa: E402
 
+DEFAULT_SEMI_ORTH = lanczos._SEMI_ORTH
+
 SWITCHES = ("_REUSE_INPUT", "_DOT_INNER", "_RITZ_IN_PLACE", "_MINMAX_SIGNS")
-CONFIGS = {"before": False, "after": True}
+# name: (the SWITCHES on, selective reorthogonalisation's exponent or None for the Gram-Schmidt pass every step)
+CONFIGS: dict[str, tuple[bool, float | None]] = {"before": (False, None), "after": (True, None)}
 TIMED = {  # (class, method): the label its time goes to
     (lanczos._Basis, "inner"): "passes",
     (lanczos._Basis, "sub_"): "passes",
@@ -73,6 +80,20 @@ class Meter:
             original = getattr(cls, name)
             self.originals[(cls, name)] = original
             setattr(cls, name, self._timed(original, label, counted=name in ("inner", "sub_")))
+        self.orthogonalisations = self.skips = 0
+        project_out = lanczos._Basis.project_out_
+        self.originals[(lanczos._Basis, "project_out_")] = project_out
+        meter = self
+
+        def counted(obj: Any, *args: Any, **kwargs: Any) -> Any:
+            before = obj.skips
+            out = project_out(obj, *args, **kwargs)
+            if "skip" in kwargs:  # the products' orthogonalisation (not the start block's)
+                meter.orthogonalisations += 1
+                meter.skips += obj.skips - before
+            return out
+
+        lanczos._Basis.project_out_ = counted  # type: ignore[method-assign]
 
     def remove(self) -> None:
         for (cls, name), original in self.originals.items():
@@ -94,9 +115,13 @@ class Meter:
         return wrapper
 
 
-def solve(d: torch.Tensor, k: int, tol: float, on: bool) -> dict[str, Any]:
+def solve(
+    d: torch.Tensor, k: int, tol: float, on: bool, semi_orth: float | None, max_basis: int | None = None
+) -> dict[str, Any]:
     for name in SWITCHES:
         setattr(lanczos, name, on)
+    lanczos._SELECTIVE = semi_orth is not None
+    lanczos._SEMI_ORTH = semi_orth if semi_orth is not None else DEFAULT_SEMI_ORTH
     product = [0.0]
 
     def matvec(x: torch.Tensor) -> torch.Tensor:
@@ -109,12 +134,13 @@ def solve(d: torch.Tensor, k: int, tol: float, on: bool) -> dict[str, Any]:
     meter.install()
     try:
         t0 = time.perf_counter()
-        res = lanczos.top_eigenpairs(matvec, d.shape[0], k, tol=tol, dtype=torch.float32)
+        res = lanczos.top_eigenpairs(matvec, d.shape[0], k, tol=tol, dtype=torch.float32, max_basis=max_basis)
         total = time.perf_counter() - t0
     finally:
         meter.remove()
         for name in SWITCHES:
             setattr(lanczos, name, True)
+        lanczos._SELECTIVE, lanczos._SEMI_ORTH = True, DEFAULT_SEMI_ORTH
     steps = res.hvps
     own = total - product[0]
     return {
@@ -130,6 +156,7 @@ def solve(d: torch.Tensor, k: int, tol: float, on: bool) -> dict[str, Any]:
         "result_s": meter.seconds["result"],
         "passes": meter.passes / steps,
         "vectors_read": meter.vectors_read / steps,
+        "skipped": meter.skips / max(1, meter.orthogonalisations),
     }
 
 
@@ -153,29 +180,42 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-basis", type=int, default=None, help="a smaller basis: restarts")
     parser.add_argument("--product-ms", type=float, default=1200.0, help="the real product's time to compare with")
+    parser.add_argument(
+        "--semi-orth",
+        default=f"0.5,{DEFAULT_SEMI_ORTH}",
+        help="exponents a of the selective configurations (threshold eps**a; the solver's default is "
+        f"{DEFAULT_SEMI_ORTH})",
+    )
     parser.add_argument("--quick", action="store_true", help="n = 2e5, k = 4, 1 repeat: a smoke run")
     args = parser.parse_args()
     if args.quick:
         args.n, args.k, args.repeats = 2e5, 4, 1
     n = int(args.n)
+    configs = dict(CONFIGS)
+    for a in (float(x) for x in args.semi_orth.split(",") if x):
+        configs[f"selective eps^{a:g}"] = (True, a)
     torch.set_num_threads(args.threads)
     print(f"command: PYTHONPATH=. python {' '.join(sys.argv)}")
-    print(f"torch {torch.__version__}, {args.threads} threads, n = {n:,}, float32, D = {args.k}, tol = {args.tol}")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, n = {n:,}, float32, D = {args.k}, tol = {args.tol}, "
+        f"max_basis = {args.max_basis or 'default'}"
+    )
     t_start = time.perf_counter()
     d = diagonal(n)
     gbs = bandwidth_gbs(n)
     print(f"memory bandwidth (16 x n float32 matrix-vector product): {gbs:.1f} GB/s")
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     for _ in range(args.repeats):
-        for name, on in CONFIGS.items():
-            runs[name].append(solve(d, args.k, args.tol, on))
+        for name, (on, semi_orth) in configs.items():
+            runs[name].append(solve(d, args.k, args.tol, on, semi_orth, args.max_basis))
     print(
         "\n| solver | products | restarts | own ms/step | basis passes ms/step | set_column ms/step | columns ms/step "
-        "| result s (once) | own incl. result ms/step | passes/step | basis GB/step | GB/s in passes "
-        f"| own / (own + {args.product_ms:.0f} ms product) |"
+        "| result s (once) | own incl. result ms/step | passes/step | subtractions skipped | basis GB/step "
+        f"| GB/s in passes | own / (own + {args.product_ms:.0f} ms product) |"
     )
-    print("|" + "---|" * 13)
+    print("|" + "---|" * 14)
     medians = {}
     for name, rs in runs.items():
         med = {key: statistics.median(r[key] for r in rs) for key in rs[0] if isinstance(rs[0][key], float)}
@@ -187,19 +227,27 @@ def main() -> None:
         print(
             f"| {name} | {r0['hvps']} | {r0['restarts']} | {med['own_ms']:.0f} | {med['passes_ms']:.0f} "
             f"| {med['set_column_ms']:.0f} | {med['columns_ms']:.0f} | {med['result_s']:.2f} "
-            f"| {med['own_total_ms']:.0f} | {med['passes']:.2f} | {gb:.2f} | {rate:.1f} | {100 * share:.1f} % |"
+            f"| {med['own_total_ms']:.0f} | {med['passes']:.2f} | {100 * med['skipped']:.0f} % | {gb:.2f} "
+            f"| {rate:.1f} | {100 * share:.1f} % |"
         )
-    b, a = runs["before"][0], runs["after"][0]
-    rel = float(((a["eigenvalues"] - b["eigenvalues"]).abs() / b["eigenvalues"].abs()).max())
-    print(f"\nsame products: {a['hvps'] == b['hvps']}; converged: {a['converged'] and b['converged']}; ")
-    print(f"largest relative eigenvalue difference, after against before: {rel:.1e}")
-    ratio = medians["after"]["own_total_ms"] / medians["before"]["own_total_ms"]
-    print(f"own time per step, after / before: {ratio:.2f}")
-    floor = medians["after"]["vectors_read"] * n * 4 / 1e9 / gbs * 1e3
-    print(
-        f"floor of the basis passes at {gbs:.1f} GB/s: {floor:.0f} ms/step "
-        f"({100 * floor / (floor + args.product_ms):.1f} % of a step with a {args.product_ms:.0f} ms product)"
-    )
+    b = runs["before"][0]
+    print()
+    for name in configs:
+        if name == "before":
+            continue
+        a = runs[name][0]
+        rel = float(((a["eigenvalues"] - b["eigenvalues"]).abs() / b["eigenvalues"].abs()).max())
+        ratio = medians[name]["own_total_ms"] / medians["before"]["own_total_ms"]
+        print(
+            f"{name}: same products as before: {a['hvps'] == b['hvps']}; converged: {a['converged']}; largest "
+            f"relative eigenvalue difference against before: {rel:.1e}; own time per step / before's: {ratio:.2f}"
+        )
+    for name in configs:
+        floor = medians[name]["vectors_read"] * n * 4 / 1e9 / gbs * 1e3
+        print(
+            f"{name}: floor of the basis passes at {gbs:.1f} GB/s: {floor:.0f} ms/step "
+            f"({100 * floor / (floor + args.product_ms):.1f} % of a step with a {args.product_ms:.0f} ms product)"
+        )
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 
