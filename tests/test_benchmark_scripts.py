@@ -29,6 +29,7 @@ SCRIPTS = {
     "refresh_sequence": ["refresh_sequence.py", "--quick"],
     "reorthogonalisation": ["reorthogonalisation.py", "--quick"],
     "top_set": ["top_set.py", "--quick"],
+    "warm_start_bound": ["warm_start_bound.py", "--quick"],
 }
 TIMEOUT_S = 120
 
@@ -170,6 +171,18 @@ def test_top_set_quick(script_runs):
     for model, _, method, _, missed, _, err, _ in rows:
         if method == "this solver (defaults)":
             assert missed == "0" and float(err) <= 1e-2, (model, missed, err)
+
+
+def test_warm_start_bound_quick(script_runs):
+    text = _check(script_runs, "warm_start_bound", "| cold |", "| oracle 0.999, as a block |", "steps per decade")
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in text.splitlines() if ln.startswith("| ")]
+    rows = [r for r in rows if len(r) == 5 and r[1].replace(".", "").isdigit()]
+    assert [r[0] for r in rows][:2] == ["cold", "warm (previous refresh)"] and len(rows) == 8, text[-3000:]
+    assert all(float(r[3]) > 0 for r in rows), rows  # every start's products against the cold solve's
+    line = next(ln for ln in text.splitlines() if ln.startswith("Every solve"))
+    err = float(line.split("returned pairs ")[1].split(",")[0])
+    captured = float(line.split("subspace ")[1].rstrip("."))
+    assert err <= 1e-2 and captured >= 0.99, line  # every solve found the true top-D at its tolerance
 
 
 def test_reorthogonalisation_quick(script_runs):

@@ -22,6 +22,7 @@ A script, not a test::
 
     PYTHONPATH=. python tests/benchmarks/warm_start_bound.py              # ~6 minutes on 2 CPU cores
     PYTHONPATH=. python tests/benchmarks/warm_start_bound.py --epochs 4   # ~2 minutes
+    PYTHONPATH=. python tests/benchmarks/warm_start_bound.py --quick      # smoke run: 2 epochs, no skip
 """
 
 from __future__ import annotations
@@ -124,7 +125,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--skip", type=int, default=2, help="epochs left out of the medians (the first refreshes)")
     parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
+    parser.add_argument("--quick", action="store_true", help="2 epochs, none skipped (smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.skip = 2, 0
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     gen = torch.Generator().manual_seed(1)
