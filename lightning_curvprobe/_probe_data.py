@@ -156,6 +156,11 @@ def user_state_kept(module: nn.Module) -> Iterator[list[str]]:
                     unrestored.append(f"{name}.{key}" if name else key)
 
 
+def num_trainable(module: nn.Module) -> int:
+    """The number of the module's trainable parameters (the probe's N)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
 def probe_data_len(data: Any) -> int:
     """Samples in ``probe_data`` (a map-style Dataset or a batch of tensors)."""
     if isinstance(data, Dataset) and hasattr(data, "__len__"):

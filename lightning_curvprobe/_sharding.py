@@ -21,6 +21,12 @@ from lightning_curvprobe.functional.probe import _eigensolve
 from lightning_curvprobe.functional.sharded import RowShardedFunction, RowShards, ShardedFunction
 
 
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over the processes of the default group, in place; returns it."""
+    dist.all_reduce(tensor)
+    return tensor
+
+
 def gather_rows(local: Tensor, shards: ShardedFunction | RowShards) -> Tensor | None:
     """All processes' rows of ``local`` stacked in rank order on process 0 (CPU); None elsewhere (collective)."""
     group = shards.group

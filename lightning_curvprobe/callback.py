@@ -36,6 +36,7 @@ from lightning_curvprobe._probe_data import (
     CLONE_ELEMENTS,
     clone,
     draw_probe_batch,
+    num_trainable,
     probe_data_len,
     select,
     training_step_loss,
@@ -43,7 +44,7 @@ from lightning_curvprobe._probe_data import (
     user_state_kept,
 )
 from lightning_curvprobe._schedule import ProbeSchedule, no_validation_reason
-from lightning_curvprobe._sharding import SubspaceRows, check_strategy
+from lightning_curvprobe._sharding import SubspaceRows, all_reduce_sum, check_strategy
 from lightning_curvprobe._signals import SIGNAL_KEYS, explain
 from lightning_curvprobe.functional._batch import _batch_size, _cast_batch
 from lightning_curvprobe.functional.curve import StabilityCurve, delta2_full_space, select_sigma, stability_curve
@@ -275,7 +276,7 @@ class CurvatureStabilityCallback(Callback):
                 "cannot call it to get the loss. Pass loss_fn=lambda module, batch: <mean loss of batch>; "
                 "got loss_fn=None."
             )
-        if _num_trainable(pl_module) > 0 or not is_overridden("configure_model", pl_module, LightningModule):
+        if num_trainable(pl_module) > 0 or not is_overridden("configure_model", pl_module, LightningModule):
             self._check_trainable(pl_module)
         # else: the layers are built in configure_model, which Lightning calls after this hook; checked at
         # on_train_start / on_validation_start, still before any training step
@@ -306,7 +307,7 @@ class CurvatureStabilityCallback(Callback):
 
     def _check_trainable(self, pl_module: LightningModule) -> None:
         """The module's trainable parameters admit the configured ``D`` and ``max_basis``."""
-        num_params = _num_trainable(pl_module)
+        num_params = num_trainable(pl_module)
         if num_params == 0:
             raise ValueError(
                 f"`pl_module` must have trainable parameters (requires_grad=True), got {type(pl_module).__name__} "
@@ -450,7 +451,7 @@ class CurvatureStabilityCallback(Callback):
         """Refresh (or reuse) the subspace, then measure the criterion in it; raises on failure."""
         fn = self._function(pl_module)
         world = trainer.world_size
-        reduce_fn = _all_reduce_sum if world > 1 and torch.distributed.is_initialized() else None
+        reduce_fn = all_reduce_sum if world > 1 and torch.distributed.is_initialized() else None
         scale = _batch_size(self._base) / self.num_probe_samples
         op = self._call_user(
             lambda: (
@@ -706,7 +707,7 @@ class CurvatureStabilityCallback(Callback):
                 is_fully_sharded(pl_module),
                 D=self.num_eigenvectors,
                 max_basis=self.max_basis,
-                N=_num_trainable(pl_module),
+                N=num_trainable(pl_module),
             )
             own_added = list(range(k, k + m)) if together else list(range(k + rank, k + m, world))
             with torch.inference_mode(False):
@@ -798,12 +799,3 @@ class CurvatureStabilityCallback(Callback):
         self._num_refreshes = int(state_dict.get("num_refreshes", 0))
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._base = self._added = None
-
-
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    torch.distributed.all_reduce(tensor)
-    return tensor
-
-
-def _num_trainable(module: LightningModule) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
