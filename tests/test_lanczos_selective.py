@@ -153,6 +153,52 @@ def test_project_out_selects_the_large_coefficients():
     torch.testing.assert_close(coef[:, 0], small, rtol=1e-10, atol=1e-15)
 
 
+def test_selected_subtraction_as_one_product_on_gpus(monkeypatch):
+    """The GPU form of the subtraction (one product per row block over the span of the selected vectors, the others'
+    coefficients zero), run on the CPU: the same vector and coefficients as the runs."""
+    g = torch.Generator().manual_seed(12)
+    n, m = 3 * lanczos._ROW_CHUNK + 5, 9
+    basis = lanczos._Basis(n, m + 1, torch.float32, torch.device("cpu"))
+    Q = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=DT))[0]
+    basis.set_columns(0, Q.float())
+    basis.size = m
+    far = torch.randn(n, 1, generator=g, dtype=DT)
+    far -= Q @ (Q.T @ far)
+    x0 = (far / far.norm() + Q @ torch.tensor([0, 1e-3, 0, 0, 2e-3, 3e-3, 0, 1e-3, 0], dtype=DT)[:, None]).float()
+    out = {}
+    for devices in (("cuda",), ("cuda", "cpu")):
+        monkeypatch.setattr(lanczos, "_BATCHED_INNER_DEVICES", devices)
+        x = x0.clone()
+        out[devices] = (basis.project_out_(x, m, skip=1e-4), x)
+    (c_runs, x_runs), (c_span, x_span) = out.values()
+    assert torch.equal(c_runs, c_span) and int((c_span != 0).sum()) == 4
+    torch.testing.assert_close(x_span, x_runs, rtol=0, atol=1e-7)
+    assert float((Q.T @ x_span.double()).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("gpu_form", [False, True])
+def test_selective_gpu_form_solve(gpu_form, monkeypatch):
+    """A float32 solve with the GPU forms of the inner products and the subtraction, run on the CPU, against eigh."""
+    if gpu_form:
+        monkeypatch.setattr(lanczos, "_BATCHED_INNER_DEVICES", ("cuda", "cpu"))
+    n, k, tol = 2 * lanczos._ROW_CHUNK + 77, 5, 1e-4
+    g = torch.Generator().manual_seed(6)
+    d = torch.rand(n, generator=g, dtype=DT) ** 2
+    d[torch.randperm(n, generator=g)[:8]] = torch.tensor([3.0 * 0.9**i for i in range(8)], dtype=DT) + 1.0
+    runs = {}
+    for selective in (False, True):
+        monkeypatch.setattr(lanczos, "_SELECTIVE", selective)
+        runs[selective] = top_eigenpairs(
+            lambda x: d.float()[:, None] * x, n, k, tol=tol, max_basis=16, dtype=torch.float32
+        )
+    res, full = runs[True], runs[False]
+    assert res.converged and res.restarts > 0
+    ref = torch.sort(d, descending=True).values[:k]
+    torch.testing.assert_close(res.eigenvalues.double(), ref, rtol=1e-5, atol=0)
+    # float32 rounding: the full pass's vectors are orthonormal to ~1e-5 here too
+    assert _orth_error(res.basis) <= 2 * max(_orth_error(full.basis), 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_selective_sharded_matches_one_process(dtype):
     """Three simulated ranks with restarts: every rank takes the same decisions (the selection reads reduced values

@@ -13,10 +13,9 @@ done vectors, and its own Rayleigh quotient: the Lanczos recurrence), orthogonal
 only on which the remainder's coefficient exceeds ``eps ** 0.9`` of its norm, see "Work outside the products"; a
 second classical Gram-Schmidt pass whenever the first removed more than half of the squared norm, the DGKS criterion
 that ARPACK uses; after the recurrence's subtraction that is rare) and appends the remainder as a new pending vector.
-With one
-pending vector this is Lanczos; with ``block_size = b`` each step multiplies the ``b`` pending directions of the ``b``
-leading unconverged residuals (block Lanczos). Eigenvectors are returned with a canonical sign (largest-magnitude
-entry positive).
+With one pending vector this is Lanczos; with ``block_size = b`` each step multiplies the ``b`` pending directions of
+the ``b`` leading unconverged residuals (block Lanczos). Eigenvectors are returned with a canonical sign
+(largest-magnitude entry positive).
 
 Warm start: one product tests whether the previous subspace :math:`Q` is still (nearly) invariant, with
 :math:`v_0 = Q\mathbf 1/\lVert Q\mathbf 1\rVert` and
@@ -60,20 +59,35 @@ n = 10^10, O(n) time as before), which leaves ``generator`` where the unsharded 
 draws from it (its Monte Carlo samples) are the unsharded probe's. The union of the processes' start vectors does not
 depend on the partition, and with a CPU generator it is the unsharded start, bit for bit.
 
-Work outside the products, per step: two passes over the basis (the inner products as one matrix-vector product per
-row block, and the subtraction), a few over the new vector. The inner products of a float32 basis are summed over row
-chunks in float64 (a single float32 product over millions of rows loses ~1e-4 relative accuracy, which at
-``tol = 1e-3`` can stall the solver): on a GPU as one batched product per row block, on a CPU as a loop over the
-chunks (a dot per chunk for one vector with one vector); a float64 basis is summed directly. The vector to multiply
-is copied into a buffer reused from step to step (a fresh ``n``-sized tensor per step paid its page faults every
-time), the canonical signs read each Ritz vector once (its minimum and maximum), and the Ritz vectors are written
-block by block into the result (no second copy). Measured (``tests/benchmarks/solver_overhead.py``: n = 1e7 float32,
-D = 10, 2 CPU threads, 30 products): 154 ms per step against 209 before these changes, 11.4 % of a step with the
-10M-parameter transformer's 1.2 s product. What is left is the memory traffic: the two passes over the basis (2.4
-passes, 1.4 GB per step: 86 ms at 16 GB/s, against a floor of 63 ms at the 22 GB/s a plain matrix-vector product
-reads) and the first touch of each new basis vector's pages (23 ms per vector of 1e7 float32 with 4 KiB pages; about
-a quarter with PyTorch's ``THP_MEM_ALLOC_ENABLE=1``, transparent huge pages for its CPU allocations). Fewer passes
-than two per step would need a selective reorthogonalisation.
+Work outside the products, per step: one pass over the basis for the inner products (one matrix-vector product per
+row block, the remainder's norm alongside), a subtraction along the basis vectors that they select, and a few passes
+over the new vector. The inner products of a float32 basis are summed over row chunks in float64 (a single float32
+product over millions of rows loses ~1e-4 relative accuracy, which at ``tol = 1e-3`` can stall the solver): on a GPU
+as one batched product per row block, on a CPU as a loop over the chunks (a dot per chunk for one vector with one
+vector); a float64 basis is summed directly. The vector to multiply is copied into a buffer reused from step to step
+(a fresh ``n``-sized tensor per step paid its page faults every time), the canonical signs read each Ritz vector once
+(its minimum and maximum), and the Ritz vectors are written block by block into the result (no second copy).
+
+Selective reorthogonalisation: after the local step a remainder's coefficient on a basis vector is subtracted (and
+recorded in ``T``) only where it exceeds ``eps ** 0.9`` of the remainder's norm; smaller components stay in the new
+vector (not recorded: the Krylov relation stays exact, the basis orthonormal to about that level, which the returned
+vectors keep: the tests check float64 results to 1e-12 against ``eigh``). The subtraction is one matrix product per run
+of consecutive selected vectors and row block on a CPU, one per row block over the span of the selected vectors on a
+GPU. It saves less than a pass: a component left in a vector grows by about ``‖H‖/β`` in the next step (Paige) and is
+subtracted then, and in float32 the remainder keeps 1e-4-1e-3 of its norm along the two vectors of the local step, so
+some vector is selected at every step. A larger threshold would skip more but perturbs the relation by about the
+threshold times ``‖H‖`` when the grown components are subtracted (with ``eps ** 0.85`` a float64 solve reported
+residuals 1.6e-12 ``|θ_1|`` off the true ones where ``‖H‖ = 50 |θ_1|``). Measured
+(``tests/benchmarks/solver_overhead.py``, n = 1e7 float32, D = 10, 2 shared CPU threads, 30 products, medians of 3):
+1.11 GB read from the basis per step against 1.36 GB with the whole subtraction (2.0 passes against 2.4; ``eps ** 0.5``
+would read 0.99 GB), 101 ms per step in the passes against 109; float64 (n = 2e6): 24 basis vectors read per step
+against 32. On the 10M-parameter transformer (``tests/benchmarks/memory.py --compare-solver``, cold refresh, 108
+products, a full basis of 36 after the first 36): the solver's own work 21.0 s against 24.6 s (195 ms per product
+against 228), 21 % of a refresh whose products took 0.68 s each in that run (an earlier run, with 1.08 s products and
+the whole subtraction: 22.9 s, 15.6 %). It stays above 10 % of a refresh on this machine: one pass over a full basis of
+36 float32 vectors of 1e7 reads 1.44 GB, about 100 ms at the 13-16 GB/s these passes reach here, 9-13 % of a step with a
+0.7-1.1 s product, before the subtractions and the first touch of each new basis vector's pages (18-23 ms per vector of
+1e7 float32 with 4 KiB pages; about a quarter with PyTorch's ``THP_MEM_ALLOC_ENABLE=1``).
 """
 
 from __future__ import annotations
@@ -289,21 +303,27 @@ class _Basis:
         ``limit``: one threshold per column of ``X``; a vector is selected when any column's coefficient exceeds it.
 
         Runs of consecutive vectors are subtracted together (one matrix product per run and row block: no gathered
-        copy). Returns ``coef`` with the other rows zeroed, and whether any row was selected (if not, ``X`` is
-        untouched: the step skipped the subtraction pass).
+        copy). On the devices of :data:`_BATCHED_INNER_DEVICES` (GPUs, where each product is a kernel launch) one
+        product per row block instead, over the span from the first selected vector to the last, with the coefficients
+        of the others zeroed. Returns ``coef`` with the other rows zeroed, and whether any row was selected (if not,
+        ``X`` is untouched: the step skipped the subtraction pass).
         """
         rows = (coef.abs() > limit).any(dim=1)
         idx = rows.nonzero()[:, 0].tolist()
         if not idx:
             self.skips += 1
             return torch.zeros_like(coef), False
+        kept = coef * rows[:, None].to(coef.dtype)
+        if _BATCHED_INNER and X.device.type in _BATCHED_INNER_DEVICES:
+            self.sub_(idx[0], idx[-1] + 1, X, kept[idx[0] : idx[-1] + 1])
+            return kept, True
         start = prev = idx[0]
         for i in idx[1:] + [-1]:
             if i != prev + 1:
                 self.sub_(start, prev + 1, X, coef[start : prev + 1])
                 start = i
             prev = i
-        return coef * rows[:, None].to(coef.dtype), True
+        return kept, True
 
     def matmul_(self, lo: int, hi: int, Z: Tensor) -> None:
         """``V[:, lo:lo + m] = V[:, lo:hi] @ Z`` in place (``Z``: ``(hi - lo, m)``), see :func:`_combine_`."""
