@@ -80,14 +80,17 @@ threshold times ``‖H‖`` when the grown components are subtracted (with ``eps
 residuals 1.6e-12 ``|θ_1|`` off the true ones where ``‖H‖ = 50 |θ_1|``). Measured
 (``tests/benchmarks/solver_overhead.py``, n = 1e7 float32, D = 10, 2 shared CPU threads, 30 products, medians of 3):
 1.11 GB read from the basis per step against 1.36 GB with the whole subtraction (2.0 passes against 2.4; ``eps ** 0.5``
-would read 0.99 GB), 101 ms per step in the passes against 109; float64 (n = 2e6): 24 basis vectors read per step
-against 32. On the 10M-parameter transformer (``tests/benchmarks/memory.py --compare-solver``, cold refresh, 108
-products, a full basis of 36 after the first 36): the solver's own work 21.0 s against 24.6 s (195 ms per product
-against 228), 21 % of a refresh whose products took 0.68 s each in that run (an earlier run, with 1.08 s products and
-the whole subtraction: 22.9 s, 15.6 %). It stays above 10 % of a refresh on this machine: one pass over a full basis of
-36 float32 vectors of 1e7 reads 1.44 GB, about 100 ms at the 13-16 GB/s these passes reach here, 9-13 % of a step with a
-0.7-1.1 s product, before the subtractions and the first touch of each new basis vector's pages (18-23 ms per vector of
-1e7 float32 with 4 KiB pages; about a quarter with PyTorch's ``THP_MEM_ALLOC_ENABLE=1``).
+would read 0.99 GB), 90 ms per step in the passes against 95, 135 ms of own work per step against 142 (10.1 % and 10.6 %
+of a step with a 1.2 s product); with restarts (``max_basis = 20``) 1.11 GB against 1.21 and 140 ms against 141. float64
+(n = 2e6): 24 basis vectors read per step against 32. On the 10M-parameter transformer
+(``tests/benchmarks/memory.py --compare-solver``, cold refresh, 108 products, a full basis of 36 after the first 36; two
+runs): the solver's own work 21.0 s against 24.6 s (195 ms per product against 228) with products of 0.68 s, 21 % of the
+refresh against 22 %; 17.3 s against 18.1 s (160 ms against 168) with products of 0.49 s, 24 % against 26 % (an earlier
+run, with products of 1.08 s and the whole subtraction: 22.9 s, 15.6 %). It stays above 10 % of a refresh on this
+machine: one pass over a full basis of 36 float32 vectors of 1e7 reads 1.44 GB, about 100 ms at the 12-16 GB/s these
+passes reach here, 8-17 % of a step with a 0.5-1.1 s product, before the subtractions and the first touch of each new
+basis vector's pages (18-23 ms per vector of 1e7 float32 with 4 KiB pages; about a quarter with PyTorch's
+``THP_MEM_ALLOC_ENABLE=1``).
 """
 
 from __future__ import annotations
@@ -1150,10 +1153,10 @@ class _Lanczos:
         The products ``W = H P`` of pending vectors ``P`` (the step's columns ``lo:``) have components ``C[p]`` along
         the done vectors (the Krylov relation: nonzero on the last block only, or on the kept Ritz vectors after a
         restart) and ``Pᵀ H P`` along ``P`` itself (one inner product with ``P``). What is left is the next Lanczos
-        vector, and the full Gram-Schmidt pass after this removes only rounding-sized components: its DGKS test then
-        keeps the norm, so a second pass over the basis is rarely needed (it used to run at most steps, since the
-        remainder ``β`` of a converging Lanczos step is much smaller than the product). ``own``: ``Pᵀ W``, computed by
-        the caller.
+        vector, and the Gram-Schmidt pass after this (selective: only the components above its threshold) removes only
+        small components: its DGKS test then keeps the norm, so a second pass over the basis is rarely needed (it used
+        to run at most steps, since the remainder ``β`` of a converging Lanczos step is much smaller than the product).
+        ``own``: ``Pᵀ W``, computed by the caller.
         """
         nd, m, basis = self.nd, W.shape[1], self.basis
         local = self._zeros(basis.size, m)
